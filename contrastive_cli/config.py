@@ -1,0 +1,167 @@
+"""Frozen, validated configuration, saved as config.json beside every checkpoint.
+
+No JAX import here: `contrastive --help` and config validation stay instant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENCODERS = ("small", "resnet18")
+LOSSES = ("ntxent", "cosine")
+OPTIMIZERS = ("adamw", "sgd", "lars")
+PRECISIONS = ("float32", "bf16")
+
+# ImageNet statistics: the normalisation SimCLR and lightly use.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SimCLR's augmentation recipe (Chen et al. 2020, appendix A), lightly's defaults.
+
+    Each view is: random resized crop (area `crop_scale`, aspect `crop_ratio`) -> horizontal flip
+    (`flip_p`) -> colour jitter with probability `jitter_p` (brightness, contrast, saturation in
+    [1-x, 1+x], hue shift in [-hue, hue] of a full turn) -> grayscale (`gray_p`) -> Gaussian blur
+    (`blur_p`, sigma in `blur_sigma` pixels at the output size) -> normalise by mean/std.
+    """
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ConfigError(f"crop ratio {self.crop_ratio} must satisfy 0 < min <= max")
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+            p = getattr(self, name)
+            if not 0 <= p <= 1:
+                raise ConfigError(f"{name.replace('_p', '')} probability {p} is not in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} {getattr(self, name)} is not in [0, 1]")
+        if not 0 <= self.hue <= 0.5:
+            raise ConfigError(f"hue {self.hue} is not in [0, 0.5]")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise ConfigError(f"blur sigma {self.blur_sigma} must satisfy 0 < min <= max")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What is needed to rebuild the network: encoder name, input size, projection head shape."""
+
+    encoder: str = "small"
+    image_size: int = 32
+    proj_hidden: int = 0  # 0: the encoder's feature width, as lightly's SimCLR sets it
+    proj_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if self.image_size < 16:
+            raise ConfigError(f"image size {self.image_size} is too small; use at least 16 pixels")
+        if self.proj_dim < 1 or self.proj_hidden < 0:
+            raise ConfigError(f"projection sizes hidden={self.proj_hidden} dim={self.proj_dim} must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `pretrain` needs besides the folder; written to RUN/config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    batch_size: int = 256
+    steps: int = 0  # 0: derived from epochs
+    epochs: int = 0  # 0 with steps 0: DEFAULT_EPOCHS
+    loss: str = "ntxent"
+    temperature: float = 0.5
+    optimizer: str = "adamw"
+    lr: float = 0.0  # 0: the optimizer's default scaled with the batch size (see train.learning_rate)
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    precision: str = "float32"
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end (and on interruption)
+    keep_checkpoints: int = 2
+
+    DEFAULT_EPOCHS = 20
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ConfigError(f"batch size {self.batch_size} is too small: a contrastive batch needs at least 2 images")
+        if self.steps < 0 or self.epochs < 0:
+            raise ConfigError(f"steps ({self.steps}) and epochs ({self.epochs}) cannot be negative")
+        if self.steps and self.epochs:
+            raise ConfigError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature {self.temperature} must be positive")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise ConfigError(f"learning rate {self.lr} and weight decay {self.weight_decay} cannot be negative")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warm-up fraction {self.warmup_fraction} is not in [0, 1)")
+        if self.log_every < 1 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("log_every and keep_checkpoints must be >= 1, checkpoint_every >= 0")
+
+    def total_steps(self, n_images: int) -> int:
+        """Steps to run on a folder of `n_images` (epochs drop the last partial batch)."""
+        if self.steps:
+            return self.steps
+        per_epoch = max(1, n_images // self.batch_size)
+        return per_epoch * (self.epochs or self.DEFAULT_EPOCHS)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> TrainConfig:
+        """A seconds-long configuration for tests: small encoder, 32 px, batch 8, 3 steps."""
+        base = dict(model=ModelConfig(encoder="small", image_size=32), batch_size=8, steps=3, log_every=1)
+        base.update(overrides)
+        return cls(**base)
+
+    # ---- config.json -------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        model = ModelConfig(**data.pop("model", {}))
+        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("augment", {}).items()})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(model=model, augment=augment, **{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,159 @@
+"""Flax NNX encoders and SimCLR's projection head.
+
+Images are NHWC float arrays, normalised. `SimCLRModel(x, train=...)` returns (h, z): h the
+encoder's features (what `embed` writes), z the projection the loss sees (SimCLR, section 2.1:
+"we use a MLP with one hidden layer to obtain z = g(h)").
+
+The two encoders mirror the peer script in shared/peers exactly, so speed comparisons are like for
+like: `small` is 4 x (3x3 conv, BatchNorm, ReLU), strides 1-2-2-2, channels 32-64-128-256, global
+average pool; `resnet18` is torchvision's ResNet-18 with the small-image stem (3x3 stride-1 first
+convolution, no max-pool), as lightly and SimCLR's CIFAR variant use.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+
+# torchvision's ResNet init (kaiming normal, fan_out); BatchNorm momentum 0.1 in PyTorch terms.
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_BN_MOMENTUM = 0.9
+_BN_EPS = 1e-5
+
+
+def _conv_fn():
+    """The convolution to use: a CPU-fast weight gradient when available, else XLA's native conv."""
+    try:
+        from . import fastconv
+    except ImportError:
+        fastconv = None
+    if fastconv is not None and fastconv.enabled():
+        return fastconv.conv2d
+
+    def native(x, kernel, *, stride, padding):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), [(padding, padding)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=jnp.float32 if x.dtype == jnp.bfloat16 else None,
+        ).astype(x.dtype)
+
+    return native
+
+
+class Conv(nnx.Module):
+    """Bias-free square convolution with symmetric zero padding (NHWC x HWIO)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_CONV_INIT(rngs.params(), (kernel, kernel, cin, cout), jnp.float32))
+        self.stride, self.padding, self.dtype = stride, kernel // 2, dtype
+
+    def __call__(self, x):
+        return _conv_fn()(x.astype(self.dtype), self.kernel.value.astype(self.dtype),
+                          stride=self.stride, padding=self.padding)
+
+
+def _bn(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(n, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=jnp.float32, rngs=rngs)
+
+
+class ConvBNReLU(nnx.Module):
+    def __init__(self, cin, cout, stride, *, dtype, rngs):
+        self.conv = Conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
+        self.bn = _bn(cout, rngs)
+
+    def __call__(self, x, train: bool):
+        return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train).astype(x.dtype))
+
+
+class SmallCNN(nnx.Module):
+    """4 conv layers, 32-64-128-256 channels, strides 1-2-2-2, global average pool -> [B, 256]."""
+
+    features = 256
+
+    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        widths, strides = (3, 32, 64, 128, 256), (1, 2, 2, 2)
+        self.layers = nnx.List([ConvBNReLU(widths[i], widths[i + 1], strides[i], dtype=dtype, rngs=rngs)
+                                for i in range(4)])
+
+    def __call__(self, x, train: bool):
+        for layer in self.layers:
+            x = layer(x, train)
+        return x.astype(jnp.float32).mean(axis=(1, 2))  # [B, 256]
+
+
+class BasicBlock(nnx.Module):
+    """ResNet basic block: two 3x3 convs with BatchNorm; 1x1 projection shortcut on shape change."""
+
+    def __init__(self, cin, cout, stride, *, dtype, rngs):
+        self.conv1 = Conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(cout, rngs)
+        self.conv2 = Conv(cout, cout, 3, 1, dtype=dtype, rngs=rngs)
+        self.bn2 = _bn(cout, rngs)
+        if stride != 1 or cin != cout:
+            self.short_conv = Conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs)
+            self.short_bn = _bn(cout, rngs)
+        else:
+            self.short_conv = self.short_bn = None
+
+    def __call__(self, x, train: bool):
+        ura = not train
+        y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura)).astype(x.dtype)
+        y = self.bn2(self.conv2(y), use_running_average=ura)
+        if self.short_conv is not None:
+            x = self.short_bn(self.short_conv(x), use_running_average=ura)
+        return jax.nn.relu(y + x).astype(y.dtype if self.short_conv is None else x.dtype)
+
+
+class ResNet18(nnx.Module):
+    """torchvision ResNet-18 with the small-image stem: 3x3/1 conv, no max-pool -> [B, 512]."""
+
+    features = 512
+
+    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.stem = ConvBNReLU(3, 64, 1, dtype=dtype, rngs=rngs)
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(cin, cout, stride, dtype=dtype, rngs=rngs),
+                       BasicBlock(cout, cout, 1, dtype=dtype, rngs=rngs)]
+            cin = cout
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x, train: bool):
+        x = self.stem(x, train)
+        for block in self.blocks:
+            x = block(x, train)
+        return x.astype(jnp.float32).mean(axis=(1, 2))  # [B, 512]
+
+
+ENCODERS = {"small": SmallCNN, "resnet18": ResNet18}
+
+
+class ProjectionHead(nnx.Module):
+    """lightly's SimCLRProjectionHead: Linear(no bias) -> BatchNorm -> ReLU -> Linear."""
+
+    def __init__(self, din: int, hidden: int, dout: int, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(din, hidden, use_bias=False, rngs=rngs)
+        self.bn = _bn(hidden, rngs)
+        self.fc2 = nnx.Linear(hidden, dout, rngs=rngs)
+
+    def __call__(self, h, train: bool):
+        return self.fc2(jax.nn.relu(self.bn(self.fc1(h), use_running_average=not train)))
+
+
+class SimCLRModel(nnx.Module):
+    """Encoder f and projection head g: x -> (h = f(x), z = g(h))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.encoder = ENCODERS[cfg.encoder](dtype=dtype, rngs=rngs)
+        width = self.encoder.features
+        self.head = ProjectionHead(width, cfg.proj_hidden or width, cfg.proj_dim, rngs=rngs)
+
+    def __call__(self, x, *, train: bool):
+        h = self.encoder(x, train)  # [B, F] float32
+        return h, self.head(h, train)  # [B, F], [B, proj_dim]
+
+
+def feature_dim(cfg: ModelConfig) -> int:
+    return ENCODERS[cfg.encoder].features
