@@ -1,0 +1,186 @@
+"""Pure contrastive losses and label-free batch health metrics.
+
+Every function takes the projections of two augmented views, `z1` and `z2`, each [N, D], where row
+i of `z1` and row i of `z2` come from the same image (a positive pair). The 2N views are stacked as
+`z = concat([z1, z2])` ([2N, D]), so view i's positive is view (i + N) mod 2N. All functions are
+pure and jit-compatible; they cast to float32 before normalising, so bf16 projections still get
+float32 similarities, and they return float32 scalars.
+
+Normalisation: a row is divided by max(||z||, sqrt(eps)) with eps = finfo(float32).eps, i.e. the
+squared norm is floored at eps (norm ~3.5e-4). A zero row therefore stays zero (cosine 0 with every
+view) instead of giving NaN, and its gradient stays finite. This is the same floor as
+`optax.losses.ntxent` uses on float32 input, so the two agree even for degenerate rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_EPS = float(jnp.finfo(jnp.float32).eps)  # floor on the squared row norm
+# Masked logits get this instead of -inf: exp() of it is exactly 0 and no inf*0 reaches a gradient.
+_MASK = float(jnp.finfo(jnp.float32).min) / 2
+
+
+def _check(z1: jax.Array, z2: jax.Array) -> None:
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"views must both be [N, D]; got z1 {z1.shape} and z2 {z2.shape}")
+
+
+def _normalise(z: jax.Array) -> jax.Array:
+    z = z.astype(jnp.float32)
+    return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), _EPS))
+
+
+def _views(z1: jax.Array, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unit rows u [2N, D] and their cosine matrix s [2N, 2N], in float32."""
+    _check(z1, z2)
+    u = _normalise(jnp.concatenate([z1, z2], axis=0))  # [2N, D]
+    # HIGHEST: on TPU (bf16 passes) and GPU (TF32) a default float32 matmul would cost ~3 digits.
+    s = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)  # [2N, 2N]
+    return u, s
+
+
+def _masks(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Static masks over the 2N x 2N view pairs: self, positive, negative (neither)."""
+    self_mask = np.eye(2 * n, dtype=bool)
+    pos_mask = np.roll(self_mask, n, axis=1)  # view i's positive is view (i + N) mod 2N
+    neg_mask = ~(self_mask | pos_mask)
+    return self_mask, pos_mask, neg_mask
+
+
+def _masked_mean(x: jax.Array, mask: np.ndarray) -> jax.Array:
+    # An empty mask (N = 1 has no negatives) gives 0, not 0/0.
+    return jnp.sum(jnp.where(mask, x, 0.0)) / max(int(mask.sum()), 1)
+
+
+def pairwise_cosine_loss(z1: jax.Array, z2: jax.Array, negative_weight: float = 1.0) -> jax.Array:
+    """The seed loss: pull positive pairs to cosine 1, push every other pair to cosine 0.
+
+    Args:
+      z1, z2: [N, D] projections of two views; (z1[i], z2[i]) is a positive pair. Any float dtype.
+      negative_weight: weight w of the negative term.
+
+    Returns:
+      float32 scalar  L = mean_{positive (i,j)} (1 - s_ij) + w * mean_{negative (i,j)} |s_ij|,
+      where s_ij is the cosine similarity of views i and j among the 2N views. A negative pair is
+      any two different views that are not each other's positive (N * (2N - 2) unordered pairs
+      against N positive ones); self-pairs are excluded. With N = 1 the negative term is 0.
+
+    The two terms are averaged separately, not summed over all pairs: each view has one positive
+    and 2N - 2 negatives, so a plain sum would be dominated by the negative term, and the cheapest
+    way to lower it is to push everything apart (orthogonal) rather than to align positives.
+    Averaging each term gives the two equal say whatever the batch size. |s| ignores the sign:
+    negatives are pushed to orthogonal, not to -1, which no more than two views can reach at once.
+    |s| has a subgradient at 0 (JAX uses 0), which is fine for gradient descent.
+    """
+    _, s = _views(z1, z2)
+    _, pos_mask, neg_mask = _masks(z1.shape[0])
+    return _masked_mean(1.0 - s, pos_mask) + negative_weight * _masked_mean(jnp.abs(s), neg_mask)
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array:
+    """SimCLR's NT-Xent loss (Chen et al. 2020, eq. 1 and Algorithm 1).
+
+    "l(i, j) = -log [exp(sim(z_i, z_j)/tau) / sum_{k=1}^{2N} 1[k != i] exp(sim(z_i, z_k)/tau)]
+    ... The final loss is computed across all positive pairs, both (i, j) and (j, i), in a
+    mini-batch."  Here sim is cosine similarity.
+
+    Args:
+      z1, z2: [N, D] projections of two views; (z1[i], z2[i]) is a positive pair. Any float dtype.
+      temperature: tau > 0.
+
+    Returns:
+      float32 scalar: the cross entropy of each of the 2N anchors (logits s_ik / tau over all
+      k != i, target its positive), averaged over the 2N anchors, i.e. Algorithm 1's
+      L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)]. Equal to
+      `optax.losses.ntxent(concat([z1, z2]), concat([arange(N), arange(N)]), temperature)`, which
+      averages over its 2N (anchor, positive) pairs; note optax's default temperature is 0.07.
+      Closed forms: all rows parallel gives log(2N - 1); z1 = z2 = orthonormal rows gives
+      log(1 + (2N - 2) exp(-1/tau)).
+    """
+    _, s = _views(z1, z2)
+    n = z1.shape[0]
+    self_mask, pos_mask, _ = _masks(n)
+    logits = jnp.where(self_mask, _MASK, s / temperature)  # [2N, 2N], self excluded
+    # Stable logsumexp, kept shifted: log sum exp(l - max) - (l_pos - max). Unshifting first,
+    # logsumexp(l) - l_pos, would cancel two numbers ~1/tau and lose digits when the loss is small.
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+    positive = jnp.sum(jnp.where(pos_mask, logits, 0.0), axis=1)  # [2N]
+    return jnp.mean(jnp.log(jnp.sum(jnp.exp(logits), axis=1)) - positive)
+
+
+def _ntxent_entry(z1: jax.Array, z2: jax.Array, *, temperature: float) -> jax.Array:
+    return nt_xent(z1, z2, temperature)
+
+
+def _cosine_entry(z1: jax.Array, z2: jax.Array, *, temperature: float) -> jax.Array:
+    del temperature  # the cosine loss has none; the uniform signature keeps the trainer simple
+    return pairwise_cosine_loss(z1, z2)
+
+
+# Loss name (config.LOSSES) -> fn(z1, z2, *, temperature) -> float32 scalar.
+LOSSES: dict[str, Callable[..., jax.Array]] = {"ntxent": _ntxent_entry, "cosine": _cosine_entry}
+
+
+def batch_metrics(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
+    """Label-free health of a batch of projections, all float32 scalars; jit-able.
+
+    Args:
+      z1, z2: [N, D] projections of two views; (z1[i], z2[i]) is a positive pair. Rows are
+        L2-normalised first (u = z / ||z||); "views" below are the 2N rows of concat([u1, u2]).
+
+    Returns a dict with:
+      pos_cos: mean cosine of the N positive pairs (1 when views agree).
+      neg_cos: mean signed cosine over negative pairs (different views, not each other's positive).
+      cos_gap: pos_cos - neg_cos.
+      top1: fraction of the 2N views whose most similar other view is its positive (ties go to
+        the lowest index).
+      emb_std: mean over the D dims of the std (ddof 0) across the 2N unit views. Collapse -> 0;
+        spread-out unit vectors -> about 1/sqrt(D) (SimSiam, Chen & He 2021, sec. 4.1).
+      alignment: Wang & Isola (2020) L_align with alpha = 2: mean ||u1_i - u2_i||^2 over positives.
+      uniformity: Wang & Isola L_uniform with t = 2: log mean exp(-2 ||u - v||^2) over the distinct
+        pairs within one view, averaged over the two views (as in their reference code). 0 at
+        collapse, lower is more uniform; orthonormal rows give -4. With N = 1 it is 0.
+      eff_rank: effective rank (Roy & Vetterli 2007) of the centred [2N, D] matrix of unit views:
+        exp of the entropy of its singular values normalised to sum 1. Collapse -> 1.
+    """
+    u, s = _views(z1, z2)
+    n = z1.shape[0]
+    self_mask, pos_mask, neg_mask = _masks(n)
+    u1, u2 = u[:n], u[n:]  # [N, D] each
+
+    pos_cos = jnp.mean(jnp.sum(u1 * u2, axis=1))
+    neg_cos = _masked_mean(s, neg_mask)
+    nearest = jnp.argmax(jnp.where(self_mask, -jnp.inf, s), axis=1)  # [2N]
+    top1 = jnp.mean((nearest == np.argmax(pos_mask, axis=1)).astype(jnp.float32))
+    emb_std = jnp.mean(jnp.std(u, axis=0))
+    alignment = jnp.mean(jnp.sum((u1 - u2) ** 2, axis=1))
+
+    sq = jnp.sum(u * u, axis=1)  # [2N]; 1, or 0 for a zero row
+    dist2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * s, 0.0)  # [2N, 2N]
+    within = np.triu(np.ones((n, n), dtype=bool), k=1)  # distinct pairs i < j of one view
+
+    def uniform(d2: jax.Array) -> jax.Array:
+        if n < 2:
+            return jnp.float32(0.0)
+        return jax.nn.logsumexp(jnp.where(within, -2.0 * d2, _MASK)) - np.log(within.sum())
+
+    uniformity = (uniform(dist2[:n, :n]) + uniform(dist2[n:, n:])) / 2
+
+    sv = jnp.linalg.svd(u - jnp.mean(u, axis=0), compute_uv=False)
+    p = sv / (jnp.sum(sv) + _EPS)  # all-zero singular values (exact collapse) -> p = 0, rank 1
+    eff_rank = jnp.exp(-jnp.sum(jax.scipy.special.xlogy(p, p)))
+
+    return {
+        "pos_cos": pos_cos,
+        "neg_cos": neg_cos,
+        "cos_gap": pos_cos - neg_cos,
+        "top1": top1,
+        "emb_std": emb_std,
+        "alignment": alignment,
+        "uniformity": uniformity,
+        "eff_rank": eff_rank,
+    }
