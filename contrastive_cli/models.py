@@ -50,7 +50,7 @@ class Conv(nnx.Module):
         self.stride, self.padding, self.dtype = stride, kernel // 2, dtype
 
     def __call__(self, x):
-        return _conv_fn()(x.astype(self.dtype), self.kernel.value.astype(self.dtype),
+        return _conv_fn()(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                           stride=self.stride, padding=self.padding)
 
 

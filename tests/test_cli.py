@@ -1,0 +1,133 @@
+"""The tool end to end through its CLI: pretrain a few steps on a generated folder -> embed -> similarity."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from contrastive_cli.cli import app
+
+runner = CliRunner()
+
+
+def write_images(folder, n=24, size=40, seed=0):
+    """Real PNG/JPEG files: coloured shapes on noise, in two subfolders."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        a = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        c = rng.integers(100, 256, 3)
+        y0, x0 = rng.integers(0, size // 2, 2)
+        a[y0:y0 + size // 2, x0:x0 + size // 2] = c
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        p = sub / f"img{i:03d}.{'png' if i % 3 else 'jpg'}"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    images = root / "images"
+    write_images(images)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    run = root / "run"
+    result = runner.invoke(app, ["pretrain", str(images), "-o", str(run), "--steps", "3", "-b", "8",
+                                 "--image-size", "16", "--log-every", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return root, images, run, result
+
+
+def test_pretrain_writes_a_self_describing_run(trained):
+    root, images, run, result = trained
+    assert result.stdout.strip().endswith(str(run))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["encoder"] == "small" and cfg["model"]["image_size"] == 16 and cfg["batch_size"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert np.isfinite(r["loss"]) and r["lr"] >= 0 and {"pairs_per_s", "pos_cos", "neg_cos"} <= r.keys()
+    assert records[-1]["pairs_per_s"] > 0
+    assert (run / "checkpoints" / "3").is_dir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images"] == 24 and summary["skipped"] == 1
+    assert "broken.jpg" in (run / "skipped.txt").read_text()
+    assert "broken.jpg" in result.stderr and "skipped 1" in result.stderr
+
+
+def test_embed_then_similarity(trained, tmp_path):
+    root, images, run, _ = trained
+    out = tmp_path / "emb.npy"
+    result = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    emb = np.load(out)
+    index = json.loads(out.with_suffix(".json").read_text())
+    assert emb.shape == (24, 256) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert index["dim"] == 256 and index["normalized"] is True and len(index["paths"]) == 24
+    assert index["paths"] == sorted(index["paths"]) and index["paths"][0] == "a/img001.png"
+    assert [s["path"] for s in index["skipped"]] == ["broken.jpg"]
+    # Row order matches the index: embedding one file alone gives its row.
+    first = images / index["paths"][5]
+    other = images / index["paths"][6]
+    sim = runner.invoke(app, ["similarity", str(first), str(first), "--model", str(run)])
+    assert sim.exit_code == 0, sim.output
+    assert float(sim.stdout) == pytest.approx(1.0, abs=1e-5)
+    sim = runner.invoke(app, ["similarity", str(first), str(other), "--model", str(run), "--json"])
+    value = json.loads(sim.stdout)["similarity"]
+    assert value == pytest.approx(float(emb[5] @ emb[6]), abs=1e-4)
+    # An existing output is never overwritten without --force.
+    again = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out)])
+    assert again.exit_code == 1 and "--force" in again.stderr
+    forced = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out), "--force",
+                                 "--dtype", "float16"])
+    assert forced.exit_code == 0 and np.load(out).dtype == np.float16
+
+
+def test_existing_run_is_not_overwritten(trained):
+    root, images, run, _ = trained
+    before = (run / "metrics.jsonl").read_text()
+    result = runner.invoke(app, ["pretrain", str(images), "-o", str(run), "--steps", "2", "-b", "8", "--quiet"])
+    assert result.exit_code == 1 and "--resume" in result.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "folder not found"),
+    (lambda p: p, "no image files"),
+])
+def test_bad_folders_exit_1_with_one_line(tmp_path, make, message):
+    result = runner.invoke(app, ["pretrain", str(make(tmp_path)), "--quiet"])
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_folder_of_non_images_exits_1(tmp_path):
+    (tmp_path / "a.jpg").write_text("hello")
+    (tmp_path / "b.png").write_bytes(b"")
+    result = runner.invoke(app, ["pretrain", str(tmp_path), "--quiet"])
+    assert result.exit_code == 1
+    assert "none of the 2 image files" in result.stderr and "Traceback" not in result.output
+
+
+def test_similarity_of_missing_image(trained, tmp_path):
+    _, images, run, _ = trained
+    result = runner.invoke(app, ["similarity", str(tmp_path / "nope.jpg"), str(tmp_path / "x.jpg"), "-m", str(run)])
+    assert result.exit_code == 1 and "image not found" in result.stderr
+
+
+def test_help_does_not_import_jax():
+    code = "import sys; from contrastive_cli.cli import app; assert 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "contrastive_cli.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "pretrain" in out.stdout
+    assert time.perf_counter() - t < 5

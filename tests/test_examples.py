@@ -1,0 +1,56 @@
+"""Docs are code: README's quick-start commands run here, as a fresh user would run them."""
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def quick_start_blocks():
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def contrastive_commands(block):
+    """The `contrastive ...` parts of a `cmd && cmd && ...` line, as argument lists."""
+    cli = Path(sys.executable).parent / "contrastive"
+    out = []
+    for part in block.split(" && "):
+        args = shlex.split(part)
+        if args and args[0].endswith("bin/contrastive"):
+            out.append([str(cli)] + args[1:])
+    return out
+
+
+def test_readme_gives_two_commands_and_ci_runs_the_test_command():
+    run_block, test_block = quick_start_blocks()
+    assert "pip install ." in run_block and "contrastive pretrain examples/" in run_block
+    test_cmd = test_block.split(" && ")[-1]
+    assert "pytest" in test_cmd
+    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_main_job_runs(tmp_path):
+    """The first quick-start command, minus the install, in a scratch copy of the checkout."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    commands = contrastive_commands(quick_start_blocks()[0])
+    assert [c[1] for c in commands] == ["pretrain", "embed", "similarity"]
+    outputs = [subprocess.run(c, cwd=tmp_path, capture_output=True, text=True, timeout=600) for c in commands]
+    for c, o in zip(commands, outputs):
+        assert o.returncode == 0, (c, o.stderr[-2000:])
+        assert "Traceback" not in o.stderr
+    assert (tmp_path / "runs" / "example" / "embeddings.json").is_file()
+    value = float(outputs[-1].stdout)
+    assert -1.0 <= value <= 1.0
+
+
+@pytest.mark.parametrize("command", ["pretrain", "embed", "similarity"])
+def test_every_command_has_help(command):
+    out = subprocess.run([sys.executable, "-m", "contrastive_cli.cli", command, "--help"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "Usage" in out.stdout
