@@ -81,6 +81,7 @@ def pretrain(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory. Default: a new folder under ./runs/.")] = None,
     steps: Annotated[int, typer.Option(min=0, help="Training steps (one batch each). Give this or --epochs.")] = 0,
     epochs: Annotated[int, typer.Option(min=0, help=f"Passes over the folder. Default: {TrainConfig.DEFAULT_EPOCHS} when --steps is not given.")] = 0,
+    time_budget: Annotated[float, typer.Option("--time-budget", min=0.0, help="Train for this many minutes of wall-clock time instead (the step count and learning-rate schedule follow the measured speed).")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Images per step; each gives a positive pair, all others are negatives.")] = TrainConfig.batch_size,
     image_size: Annotated[int, typer.Option(min=16, max=1024, help="Side of the square views the encoder sees, in pixels.")] = ModelConfig.image_size,
     encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: trains at hundreds of pairs/s on a laptop CPU) or 'resnet18' (small-image stem; ~20x slower, better on GPU).")] = Encoder.small,
@@ -101,13 +102,14 @@ def pretrain(
     _folder(folder, "FOLDER")
     if resume and output is None:
         raise typer.BadParameter("--resume needs --output RUN_DIR", param_hint="--resume")
-    if steps and epochs:
-        raise typer.BadParameter(f"give --steps ({steps}) or --epochs ({epochs}), not both", param_hint="--steps")
+    if sum(bool(x) for x in (steps, epochs, time_budget)) > 1:
+        raise typer.BadParameter(f"give one of --steps ({steps}), --epochs ({epochs}) or --time-budget "
+                                 f"({time_budget:g}), not several", param_hint="--steps")
 
     def build():
         return TrainConfig(
             model=ModelConfig(encoder=encoder.value, image_size=image_size), augment=AugmentConfig(),
-            batch_size=batch_size, steps=steps, epochs=epochs, loss=loss.value, temperature=temperature,
+            batch_size=batch_size, steps=steps, epochs=epochs, time_budget=time_budget, loss=loss.value, temperature=temperature,
             optimizer=optimizer.value, lr=lr, weight_decay=weight_decay, seed=seed,
             precision=precision.value, log_every=log_every, checkpoint_every=checkpoint_every)
 
@@ -165,6 +167,134 @@ def similarity(
         typer.echo(json.dumps({"a": str(a), "b": str(b), "model": str(model), "similarity": value}))
     else:
         typer.echo(f"{value:.6f}")
+
+
+def _format(as_json: bool, as_csv: bool) -> str:
+    if as_json and as_csv:
+        raise typer.BadParameter("give --json or --csv, not both", param_hint="--json")
+    return "json" if as_json else "csv" if as_csv else "text"
+
+
+def _csv(header: list[str], rows: list[list]) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+@app.command()
+def neighbors(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
+    query: Annotated[Optional[Path], typer.Option("--query", help="Image file to embed and search for.")] = None,
+    row: Annotated[Optional[int], typer.Option("--row", min=0, help="Search for row I of the embeddings (itself left out).")] = None,
+    path: Annotated[Optional[str], typer.Option("--path", help="Search for an indexed image: its path as in the index, or a path to the file (itself left out).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Run directory that embeds --query. Default: the model named in the index.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: rank,row,path,cosine.")] = False,
+) -> None:
+    """Print the K nearest neighbours (highest cosine) of an image, a row or an indexed path."""
+    fmt = _format(as_json, as_csv)
+    if sum(q is not None for q in (query, row, path)) != 1:
+        raise typer.BadParameter("give exactly one of --query IMAGE, --row I, --path P", param_hint="--query")
+    if model is not None and query is None:
+        raise typer.BadParameter("--model is only used with --query", param_hint="--model")
+    from .search import neighbors as run_neighbors
+
+    result = _run(run_neighbors, embeddings, k, row=row, path=path, image=query, model=model)
+    for message in result["warnings"]:
+        console.warn(message)
+    found = result["neighbors"]
+    if fmt == "json":
+        typer.echo(json.dumps({"query": result["query"], "model": result["model"], "neighbors": found}))
+    elif fmt == "csv":
+        _csv(["rank", "row", "path", "cosine"], [[n["rank"], n["row"], n["path"], f"{n['cosine']:.6f}"] for n in found])
+    else:
+        console.info(f"{len(found)} nearest to {result['query']['path']}")
+        width = max(3, len(str(max(n["row"] for n in found))))
+        typer.echo(f"{'rank':>4}  {'row':>{width}}  {'cosine':>9}  path")
+        for n in found:
+            typer.echo(f"{n['rank']:>4}  {n['row']:>{width}}  {n['cosine']:>9.6f}  {n['path']}")
+
+
+@app.command()
+def duplicates(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
+    threshold: Annotated[float, typer.Option("--threshold", "-t", min=-1.0, max=1.0, help="Cosine at or above which two images count as near-duplicates; depends on the model, so check a few pairs with `neighbors` first.")],
+    cross: Annotated[Optional[Path], typer.Option("--cross", help="Second embeddings file: list pairs between the two sets instead of groups within one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (the default).")] = False,
+) -> None:
+    """Print groups of near-duplicate images, or with --cross the matching pairs between two sets.
+
+    CSV columns: group,row,path,score (largest group first; score is the image's best cosine within
+    its group); with --cross: row,path,other_row,other_path,score (best first).
+    """
+    fmt = _format(as_json, as_csv)
+    from .search import find_duplicates
+
+    progress = console.DecodeProgress("comparing")
+    try:
+        result = _run(find_duplicates, embeddings, threshold, cross=cross,
+                      on_progress=lambda done, total: total > 1 and progress(done, total))
+    finally:
+        progress.close()
+    for message in result["warnings"]:
+        console.warn(message)
+    if cross is not None:
+        pairs = result["pairs"]
+        console.info(f"{len(pairs)} pairs at cosine >= {threshold} between {result['rows']} and "
+                     f"{result['other_rows']} images")
+        if fmt == "json":
+            typer.echo(json.dumps({"threshold": threshold, "pairs": pairs}))
+        else:
+            _csv(["row", "path", "other_row", "other_path", "score"],
+                 [[p["row"], p["path"], p["other_row"], p["other_path"], f"{p['score']:.6f}"] for p in pairs])
+        return
+    groups = result["groups"]
+    console.info(f"{len(groups)} groups holding {sum(len(g['members']) for g in groups)} of {result['rows']} "
+                 f"images at cosine >= {threshold}")
+    if fmt == "json":
+        typer.echo(json.dumps({"threshold": threshold, "groups": groups}))
+    else:
+        _csv(["group", "row", "path", "score"],
+             [[g["group"], m["row"], m["path"], f"{m['score']:.6f}"] for g in groups for m in g["members"]])
+
+
+@app.command()
+def evaluate(
+    folder: Annotated[Optional[Path], typer.Argument(help="Labeled folder: one subfolder per class. Split per class into train/test.")] = None,
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")] = None,
+    train: Annotated[Optional[Path], typer.Option("--train", help="Labeled training folder (instead of splitting FOLDER).")] = None,
+    test: Annotated[Optional[Path], typer.Option("--test", help="Labeled test folder (with --train).")] = None,
+    test_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each class held out for testing.")] = 0.2,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours that vote in kNN.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the linear probe.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+) -> None:
+    """kNN and linear-probe accuracy of the encoder's embeddings on labeled images, against raw pixels."""
+    if model is None:
+        raise typer.BadParameter("--model RUN_DIR is required", param_hint="--model")
+    for path, hint in ((folder, "FOLDER"), (train, "--train"), (test, "--test")):
+        if path is not None:
+            _folder(path, hint)
+    from .evaluate import evaluate as run_evaluate
+
+    progress = console.DecodeProgress("embedding")
+    try:
+        result = _run(run_evaluate, folder, model, train_dir=train, test_dir=test, test_fraction=test_fraction,
+                      seed=seed, k=k, on_progress=progress)
+    finally:
+        progress.close()
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{'':12}{'kNN (k=' + str(result['k']) + ')':>12}{'linear':>10}")
+    typer.echo(f"{'embeddings':12}{result['knn']:>12.4f}{result['linear']:>10.4f}")
+    typer.echo(f"{'raw pixels':12}{result['raw_knn']:>12.4f}{result['raw_linear']:>10.4f}")
+    console.info(f"{result['classes']} classes, {result['n_train']} train / {result['n_test']} test images, "
+                 f"model {result['model']} at step {result['step']}")
 
 
 def main() -> None:

@@ -94,6 +94,7 @@ class TrainConfig:
     batch_size: int = 256
     steps: int = 0  # 0: derived from epochs
     epochs: int = 0  # 0 with steps 0: DEFAULT_EPOCHS
+    time_budget: float = 0.0  # minutes of wall-clock time; sets the step count from measured speed
     loss: str = "ntxent"
     temperature: float = 0.5
     optimizer: str = "adamw"
@@ -113,8 +114,11 @@ class TrainConfig:
             raise ConfigError(f"batch size {self.batch_size} is too small: a contrastive batch needs at least 2 images")
         if self.steps < 0 or self.epochs < 0:
             raise ConfigError(f"steps ({self.steps}) and epochs ({self.epochs}) cannot be negative")
-        if self.steps and self.epochs:
-            raise ConfigError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
+        if self.time_budget < 0:
+            raise ConfigError(f"time budget {self.time_budget} minutes cannot be negative")
+        if sum(bool(x) for x in (self.steps, self.epochs, self.time_budget)) > 1:
+            raise ConfigError(f"give one of --steps ({self.steps}), --epochs ({self.epochs}) "
+                              f"or --time-budget ({self.time_budget:g}), not several")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -131,7 +135,11 @@ class TrainConfig:
             raise ConfigError("log_every and keep_checkpoints must be >= 1, checkpoint_every >= 0")
 
     def total_steps(self, n_images: int) -> int:
-        """Steps to run on a folder of `n_images` (epochs drop the last partial batch)."""
+        """Steps to run on a folder of `n_images` (epochs drop the last partial batch).
+
+        With a time budget this is a first guess (the default epochs); pretrain() replaces it once
+        it has measured the speed of the compiled step.
+        """
         if self.steps:
             return self.steps
         per_epoch = max(1, n_images // self.batch_size)

@@ -5,6 +5,7 @@ No JAX import: the CLI's help and errors stay instant.
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -12,16 +13,17 @@ from rich.table import Table
 err = Console(stderr=True, highlight=False)
 
 
+# Messages are plain text: escaped, so a file name like "[/]x.jpg" prints as itself, not as markup.
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def info(message: str) -> None:
-    err.print(message, soft_wrap=True)
+    err.print(escape(message), soft_wrap=True)
 
 
 def _progress(*extra) -> Progress:
@@ -86,7 +88,7 @@ class TrainDisplay:
                                + (f"  {rate:,.0f} pairs/s" if rate else "")
                                + f"  data wait {100 * record['data_wait']:.0f}%"
                                + f"  pos/neg cos {record.get('pos_cos', 0):.2f}/{record.get('neg_cos', 0):.2f}")
-        self._progress.update(self._task, completed=step, **fields)
+        self._progress.update(self._task, completed=step, total=total, **fields)
 
     def warn(self, message: str) -> None:
         warn(message)

@@ -20,7 +20,8 @@ from flax import nnx
 
 from . import augment, checkpoint
 from .config import TrainConfig
-from .data import IMAGE_EXTENSIONS, _decode_or_reason, decode_files, decode_pool, no_usable_image, scan_folder
+from .data import (IMAGE_EXTENSIONS, _decode_or_reason, decode_files, decode_pool, no_usable_image, quiet_pillow,
+                   scan_folder)
 from .errors import CheckpointError, InputError
 from .models import feature_dim
 from .mesh import batch_sharding, data_mesh, replicated
@@ -82,7 +83,7 @@ def load_encoder(run_dir: Path, *, batch_size: int = 128) -> Encoder:
     enable_compilation_cache()
     run_dir = Path(run_dir)
     cfg = checkpoint.read_config(run_dir)
-    tx, _ = make_optimizer(cfg, 1)
+    tx = make_optimizer(cfg)
     graphdef, abstract = _abstract_state(cfg, tx)
     mngr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
     try:
@@ -92,6 +93,15 @@ def load_encoder(run_dir: Path, *, batch_size: int = 128) -> Encoder:
     finally:
         mngr.close()
     return Encoder(cfg, run_dir, step, graphdef, state["params"], state["stats"], batch_size)
+
+
+def random_encoder(cfg: TrainConfig, *, batch_size: int = 128) -> Encoder:
+    """An untrained encoder (cfg.seed's initialisation): the baseline a trained one must beat."""
+    from .train import init_state, make_optimizer
+
+    enable_compilation_cache()
+    graphdef, state = init_state(cfg, make_optimizer(cfg))
+    return Encoder(cfg, Path("(random init)"), 0, graphdef, state["params"], state["stats"], batch_size)
 
 
 def _abstract_state(cfg: TrainConfig, tx):
@@ -151,20 +161,17 @@ def embed_folder(
             raise InputError(f"{p} already exists; pass --force to replace it")
     if not output.parent.is_dir():
         raise InputError(f"output folder {output.parent} does not exist")
-    files = scan_folder(folder)
+    skipped: list[tuple[str, str]] = []  # (relative path, reason): unreadable folders, then files
+    files = scan_folder(folder, skipped=skipped)
     if not files:
         raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     encoder = load_encoder(run_dir, batch_size=batch_size)
-    rows, paths, skipped = [], [], []
-    with decode_pool() as pool:
-        for start in range(0, len(files), CHUNK):
-            images, kept, bad = decode_files(folder, files[start:start + CHUNK], encoder.image_size, pool=pool,
-                                             on_progress=on_progress, progress_offset=start,
-                                             progress_total=len(files))
-            skipped += bad
-            if kept:
-                rows.append(encoder.embed(images).astype(dtype))
-                paths += kept
+    rows, paths = [], []
+    for kept, bad, _, features in iter_embeddings(encoder, folder, files, on_progress=on_progress):
+        skipped += bad
+        if kept:
+            rows.append(features.astype(dtype))
+            paths += kept
     if not paths:
         raise no_usable_image(folder, len(files), skipped)
     array = np.concatenate(rows)  # [N, F]
@@ -186,6 +193,19 @@ def embed_folder(
     return index
 
 
+def iter_embeddings(encoder: Encoder, folder: Path, files: list[Path], *, on_progress=None):
+    """Decode and embed `files` CHUNK at a time: yields (kept paths, skipped, uint8 images, features).
+
+    Memory holds one chunk of images, whatever the folder size.
+    """
+    with decode_pool() as pool:
+        for start in range(0, len(files), CHUNK):
+            images, kept, bad = decode_files(folder, files[start:start + CHUNK], encoder.image_size, pool=pool,
+                                             on_progress=on_progress, progress_offset=start,
+                                             progress_total=len(files))
+            yield kept, bad, images, (encoder.embed(images) if kept else None)
+
+
 def embed_files(encoder: Encoder, paths: list[Path]) -> np.ndarray:
     """Embed individual image files; raises InputError naming the first that cannot be read."""
     images = []
@@ -193,7 +213,8 @@ def embed_files(encoder: Encoder, paths: list[Path]) -> np.ndarray:
         p = Path(p)
         if not p.is_file():
             raise InputError(f"image not found: {p}")
-        out = _decode_or_reason(p, encoder.image_size)
+        with quiet_pillow():
+            out = _decode_or_reason(p, encoder.image_size)
         if isinstance(out, str):
             raise InputError(f"cannot read {p}: {out}")
         images.append(out)

@@ -7,6 +7,7 @@ inside the step). Augmentation runs inside the same step, on the device.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -67,20 +68,33 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Linear warm-up to the peak rate, then cosine decay to 0 at `total_steps`."""
-    peak = learning_rate(cfg)
-    warmup = int(cfg.warmup_fraction * total_steps)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
-    if cfg.optimizer == "adamw":
-        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
-    elif cfg.optimizer == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, _decay_mask),
-                         optax.sgd(schedule, momentum=0.9))
-    else:
-        tx = optax.lars(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=_decay_mask,
-                        trust_ratio_mask=_decay_mask, momentum=0.9)
-    return tx, schedule
+def lr_at(step, total, *, peak: float, warmup_fraction: float):
+    """Linear warm-up over the first `warmup_fraction` of `total` steps, then cosine decay to 0.
+
+    A function of traced (step, total): the total lives in the train state, so a time budget can
+    set it after measuring throughput without recompiling, and a resumed run keeps its schedule.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    total = jnp.maximum(jnp.asarray(total, jnp.float32), 1.0)
+    warmup = jnp.floor(warmup_fraction * total)
+    warm = peak * step / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    return jnp.where(step < warmup, warm, 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress)))
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optimizer with its learning rate as an injected hyperparameter (set every step)."""
+
+    def factory(learning_rate):
+        if cfg.optimizer == "adamw":
+            return optax.adamw(learning_rate, weight_decay=cfg.weight_decay, mask=_decay_mask)
+        if cfg.optimizer == "sgd":
+            return optax.chain(optax.add_decayed_weights(cfg.weight_decay, _decay_mask),
+                               optax.sgd(learning_rate, momentum=0.9))
+        return optax.lars(learning_rate, weight_decay=cfg.weight_decay, weight_decay_mask=_decay_mask,
+                          trust_ratio_mask=_decay_mask, momentum=0.9)
+
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,10 +105,11 @@ def compute_dtype(cfg: TrainConfig):
 
 
 def init_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict]:
-    """Model graph (static) and the state pytree {params, stats, opt, step}, seeded by cfg.seed."""
+    """Model graph (static) and the state pytree {params, stats, opt, step, total}, seeded by cfg.seed."""
     model = SimCLRModel(cfg.model, dtype=compute_dtype(cfg), rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
     graphdef, params, stats = nnx.split(model, nnx.Param, ...)
-    return graphdef, {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.int32(0)}
+    return graphdef, {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.int32(0),
+                      "total": jnp.int32(1)}
 
 
 def working_size(image_size: int) -> int:
@@ -106,6 +121,7 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
     """The jitted step: (state, uint8 images [B, R, R, 3], base key) -> (state, outputs)."""
     loss_fn = losses.LOSSES[cfg.loss]
     size = cfg.model.image_size
+    peak = learning_rate(cfg)
 
     def step(state, images, base_key):
         key = jax.random.fold_in(base_key, state["step"])  # a resumed run replays the same stream
@@ -121,10 +137,13 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
             return loss_fn(z1, z2, temperature=cfg.temperature), (new_stats, z1, z2)
 
         (loss, (stats, z1, z2)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
+        lr = lr_at(state["step"], state["total"], peak=peak, warmup_fraction=cfg.warmup_fraction)
+        opt = state["opt"]
+        opt = opt._replace(hyperparams={**opt.hyperparams, "learning_rate": lr})
+        updates, opt = tx.update(grads, opt, state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {"params": params, "stats": stats, "opt": opt, "step": state["step"] + 1}
-        return new, {"loss": loss, "z1": z1, "z2": z2}
+        new = {"params": params, "stats": stats, "opt": opt, "step": state["step"] + 1, "total": state["total"]}
+        return new, {"loss": loss, "lr": lr, "z1": z1, "z2": z2}
 
     repl, batch = replicated(mesh), batch_sharding(mesh)
     return jax.jit(step, in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=0)
@@ -150,7 +169,6 @@ class _Prefetcher:
     images: np.ndarray
     cfg: TrainConfig
     start: int
-    stop: int
     sharding: Any
     depth: int = 2
     _q: queue.Queue = field(init=False)
@@ -163,7 +181,7 @@ class _Prefetcher:
 
     def _run(self):
         try:
-            for s in range(self.start, self.stop):
+            for s in itertools.count(self.start):
                 idx = batch_indices(len(self.images), self.cfg.batch_size, s, seed=self.cfg.seed)
                 item = jax.device_put(self.images[idx], self.sharding)
                 while not self._stop.is_set():
@@ -264,7 +282,9 @@ def pretrain(
     cfg = _prepare_run_dir(output, cfg, resume=resume, force=force)
     check_batch(cfg.batch_size, mesh)
     if data.skipped:
-        (output / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
+        # surrogateescape: a file name that is not UTF-8 is written back as its original bytes
+        (output / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped),
+                                            encoding="utf-8", errors="surrogateescape")
         monitor.warn(f"skipped {len(data.skipped)} of {len(data) + len(data.skipped)} files "
                      f"(listed in {output / 'skipped.txt'}): " + "; ".join(f"{p}: {r}" for p, r in data.skipped[:3])
                      + (" ..." if len(data.skipped) > 3 else ""))
@@ -279,10 +299,12 @@ def pretrain(
         cfg = dataclasses.replace(cfg, batch_size=fit)
         if not resume:
             cfg.save(output / "config.json")
-    total = cfg.total_steps(len(data))
+    # With a time budget, a placeholder until the compiled step's speed is measured (step 4).
+    total = 10**6 if cfg.time_budget else cfg.total_steps(len(data))
 
-    tx, schedule = make_optimizer(cfg, total)
+    tx = make_optimizer(cfg)
     graphdef, state = init_state(cfg, tx)
+    state["total"] = jnp.int32(total)
     state = jax.device_put(state, replicated(mesh))
     mngr = checkpoint.manager(output, cfg.keep_checkpoints)
     start = 0
@@ -290,9 +312,11 @@ def pretrain(
         if mngr.latest_step() is not None:
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
             start, state = checkpoint.restore(mngr, abstract)
+            total = int(state["total"])  # the schedule the run started with (a time budget set it)
         _truncate_metrics(output / "metrics.jsonl", start)
     if start >= total:
         monitor.warn(f"{output} already finished all {total} steps; nothing to do")
+    budget = _Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not (resume and start) else None
 
     step_fn = make_step(cfg, graphdef, tx, mesh)
     metrics_fn = jax.jit(losses.batch_metrics)
@@ -302,21 +326,26 @@ def pretrain(
                        backend=jax.default_backend(), load_s=load_s))
 
     log = open(output / "metrics.jsonl", "a")
-    loader = _Prefetcher(data.images, cfg, start, total, batch_sharding(mesh))
+    loader = _Prefetcher(data.images, cfg, start, sharding=batch_sharding(mesh))
     last_good, window_t, window_wait, window_steps = start, time.perf_counter(), 0.0, 0
     compile_s = None
     loss = float("nan")
+    step = start
     try:
         with _SignalFlag() as flag:
-            for step in range(start, total):
+            while step < total:
                 tw = time.perf_counter()
                 batch = loader.get()
                 window_wait += time.perf_counter() - tw
                 ts = time.perf_counter()
                 state, out = step_fn(state, batch, base_key)
+                step += 1
                 window_steps += 1
-                done = step + 1
-                is_log = done % cfg.log_every == 0 or done == total or step == start or flag.signum
+                new_total = budget.update(step, start, out) if budget else None
+                if new_total is not None and new_total != total:
+                    total = max(new_total, step)
+                    state["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
+                is_log = step % cfg.log_every == 0 or step == total or step == start + 1 or flag.signum
                 record = None
                 if is_log:
                     loss = float(out["loss"])  # waits for the step
@@ -325,42 +354,77 @@ def pretrain(
                         compile_s = now - ts
                     if not math.isfinite(loss):
                         raise TrainingDiverged(
-                            f"loss became {loss} between steps {last_good} and {done}; "
+                            f"loss became {loss} between steps {last_good} and {step}; "
                             f"the last good checkpoint (step {mngr.latest_step()}) is kept in {output}; "
                             f"try a lower --lr (was {learning_rate(cfg):g})")
-                    last_good = done
+                    last_good = step
                     elapsed = now - window_t
-                    record = {"step": done, "loss": loss, "lr": float(schedule(step)),
-                              "pairs_per_s": window_steps * cfg.batch_size / elapsed if step != start else None,
+                    record = {"step": step, "loss": loss, "lr": float(out["lr"]),
+                              "pairs_per_s": window_steps * cfg.batch_size / elapsed if step != start + 1 else None,
                               "data_wait": window_wait / elapsed,
                               **{k: float(v) for k, v in metrics_fn(out["z1"], out["z2"]).items()}}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
-                monitor.step(done, total, record)
-                if flag.signum or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                    checkpoint.save(mngr, done, state)
+                monitor.step(step, total, record)
+                if flag.signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    checkpoint.save(mngr, step, state)
                 if flag.signum:
                     mngr.wait_until_finished()
                     name = signal.Signals(flag.signum).name
                     raise TrainingInterrupted(
-                        f"stopped by {name} after step {done}; checkpoint saved, continue with: "
+                        f"stopped by {name} after step {step}; checkpoint saved, continue with: "
                         f"contrastive pretrain {folder} --output {output} --resume", flag.signum)
-            if total > start:
-                checkpoint.save(mngr, total, state)
+            if step > start and mngr.latest_step() != step:
+                checkpoint.save(mngr, step, state)
             mngr.wait_until_finished()
     finally:
         loader.close()
         log.close()
         mngr.close()
 
-    summary = dict(output=str(output), steps=total, resumed_from=start, images=len(data),
+    summary = dict(output=str(output), steps=step, resumed_from=start, images=len(data),
                    skipped=len(data.skipped), final_loss=loss, batch_size=cfg.batch_size,
                    encoder=cfg.model.encoder, loss=cfg.loss, compile_s=compile_s,
                    wall_s=time.perf_counter() - t0, load_s=load_s, devices=mesh.devices.size)
     checkpoint.write_json_atomic(output / "summary.json", summary)
     monitor.end(summary)
     return summary
+
+
+class _Budget:
+    """Turns a wall-clock budget into a step count, from throughput measured after compilation.
+
+    The first estimate comes from steps 2-4 (step 1 includes the compile), a refined one from the
+    steps up to a fifth of the budget; the learning-rate schedule follows the total it sets.
+    """
+
+    def __init__(self, seconds: float, t0: float):
+        self.seconds, self.t0 = seconds, t0
+        self.mark = None  # (step, time) after the compiled first step
+        self.refined = False
+
+    def update(self, step: int, start: int, out) -> int | None:
+        """Called after each step: a new total step count, or None to keep the current one."""
+        done, elapsed = step - start, self._elapsed()
+        if elapsed > self.seconds:
+            return step  # over budget (a slow save, a busy machine): stop here
+        first = done == 1
+        estimate = done == 4 or (not self.refined and done > 4 and elapsed > self.seconds / 5)
+        if not (first or estimate):
+            return None
+        jax.block_until_ready(out["loss"])
+        now = time.perf_counter()
+        if first:
+            self.mark = (step, now)
+            return None
+        self.refined = done > 4
+        per_step = (now - self.mark[1]) / (step - self.mark[0])
+        left = self.seconds - (now - self.t0) - 2 * per_step - 1.0  # keep time for the final save
+        return step + max(0, int(left / per_step))
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

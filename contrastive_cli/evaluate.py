@@ -1,0 +1,192 @@
+"""How good is an encoder? kNN and linear-probe accuracy on a labeled folder (class = subfolder).
+
+Protocols (the usual ones for self-supervised representations):
+- kNN (Wu et al. 2018, as in DINO and solo-learn): the k = 20 nearest training embeddings by cosine
+  vote for their class with weight exp(s / 0.07); streamed in chunks by `search.top_k`, so memory
+  never holds a test x train matrix.
+- Linear probe: multinomial logistic regression on frozen, standardised features, trained with
+  optax (Adam, minibatches, weight decay), one jit-compiled loop.
+Both are also reported on raw pixels (downsampled to at most 32 x 32) as the floor to beat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .data import IMAGE_EXTENSIONS, no_usable_image, scan_folder
+from .embed import Encoder, iter_embeddings, load_encoder
+from .errors import InputError
+from .search import top_k
+
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+RAW_SIZE = 32
+
+
+@dataclass
+class Features:
+    """Row i: embedding (unit), raw pixels (unit), class index, path."""
+
+    emb: np.ndarray  # float32 [N, F]
+    raw: np.ndarray  # float32 [N, P]
+    labels: np.ndarray  # int64 [N]
+    paths: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def _raw_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, S, S, 3] -> float32 [n, P]: block-averaged to <= RAW_SIZE, centred per image, unit."""
+    s = images.shape[1]
+    f = max(1, -(-s // RAW_SIZE))
+    s2 = s // f
+    x = images[:, :s2 * f, :s2 * f].astype(np.float32).reshape(len(images), s2, f, s2, f, 3).mean((2, 4))
+    x = x.reshape(len(images), -1)
+    x -= x.mean(axis=1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def labeled_features(encoder: Encoder, folder: Path, classes: list[str] | None = None,
+                     on_progress=None) -> tuple[Features, list[str]]:
+    """Embed a labeled folder (class = first-level subfolder). Returns features and class names."""
+    folder = Path(folder)
+    files = scan_folder(folder)
+    if not files:
+        raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    top = [f.relative_to(folder).parts for f in files]
+    loose = [p for p in top if len(p) == 1]
+    if loose:
+        raise InputError(f"{folder} is not a labeled folder: {len(loose)} image(s) such as {loose[0][0]!r} "
+                         "are not inside a class subfolder")
+    names = classes or sorted({p[0] for p in top})
+    lookup = {c: i for i, c in enumerate(names)}
+    emb, raw, labels, paths, skipped = [], [], [], [], []
+    for kept, bad, images, feats in iter_embeddings(encoder, folder, files, on_progress=on_progress):
+        skipped += bad
+        if not kept:
+            continue
+        cls = [p.split("/", 1)[0] for p in kept]
+        unknown = sorted(set(cls) - lookup.keys())
+        if unknown:
+            raise InputError(f"class {unknown[0]!r} in {folder} is not among the training classes")
+        emb.append(feats)
+        raw.append(_raw_pixels(images))
+        labels += [lookup[c] for c in cls]
+        paths += kept
+    if not paths:
+        raise no_usable_image(folder, len(files), skipped)
+    return Features(np.concatenate(emb), np.concatenate(raw), np.asarray(labels), paths, skipped), names
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test): `test_fraction` of each class (at least one) goes to test, seeded."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < 2:
+            raise InputError(f"class {c} has {len(idx)} image; each class needs at least 2 to split")
+        n_test = min(len(idx) - 1, max(1, round(test_fraction * len(idx))))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def knn_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
+                 *, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
+    """Weighted kNN accuracy with cosine similarity (rows need not be normalised)."""
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    k = min(k, len(train))
+    scores, idx = top_k(unit(test).astype(np.float32), unit(train).astype(np.float32), k)
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    votes = np.zeros((len(test), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(test)), k), train_labels[idx].ravel()),
+              np.exp(scores / temperature).ravel())
+    return float((votes.argmax(1) == test_labels).mean())
+
+
+def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+                          test_labels: np.ndarray, *, epochs: int = 100, batch_size: int = 1024,
+                          lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> float:
+    """Logistic regression on standardised frozen features; accuracy on `test`."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    xtr = jnp.asarray((train - mean) / std, jnp.float32)
+    xte = jnp.asarray((test - mean) / std, jnp.float32)
+    ytr = jnp.asarray(train_labels)
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    b = min(batch_size, len(train))
+    steps_per_epoch = len(train) // b
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, epochs * steps_per_epoch), weight_decay=weight_decay)
+    params = {"w": jnp.zeros((train.shape[1], n_classes)), "b": jnp.zeros(n_classes)}
+
+    def loss_fn(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+
+    @jax.jit
+    def fit(params, key):
+        def epoch(carry, key):
+            params, opt = carry
+            order = jax.random.permutation(key, len(train))[:steps_per_epoch * b].reshape(steps_per_epoch, b)
+
+            def step(carry, idx):
+                params, opt = carry
+                grads = jax.grad(loss_fn)(params, xtr[idx], ytr[idx])
+                updates, opt = tx.update(grads, opt, params)
+                return (optax.apply_updates(params, updates), opt), None
+
+            return jax.lax.scan(step, (params, opt), order)[0], None
+
+        return jax.lax.scan(epoch, (params, tx.init(params)), jax.random.split(key, epochs))[0][0]
+
+    params = fit(params, jax.random.key(seed))
+    pred = np.asarray(jnp.argmax(xte @ params["w"] + params["b"], axis=1))
+    return float((pred == test_labels).mean())
+
+
+def evaluate(
+    folder: Path | None,
+    run_dir: Path | None,
+    *,
+    train_dir: Path | None = None,
+    test_dir: Path | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    k: int = KNN_K,
+    encoder: Encoder | None = None,
+    raw: bool = True,
+    on_progress=None,
+) -> dict:
+    """kNN and linear-probe accuracy of the run's encoder (and of raw pixels) on labeled images.
+
+    Either `folder` (split per class with `test_fraction`, seeded) or `train_dir` and `test_dir`.
+    """
+    if (folder is None) == (train_dir is None or test_dir is None):
+        raise InputError("give a labeled folder, or both --train and --test folders")
+    if not 0 < test_fraction < 1:
+        raise InputError(f"test fraction {test_fraction} is not in (0, 1)")
+    encoder = encoder or load_encoder(run_dir)
+    if folder is not None:
+        feats, classes = labeled_features(encoder, folder, on_progress=on_progress)
+        tr, te = stratified_split(feats.labels, test_fraction, seed=seed)
+        a = Features(feats.emb[tr], feats.raw[tr], feats.labels[tr], [feats.paths[i] for i in tr], feats.skipped)
+        b = Features(feats.emb[te], feats.raw[te], feats.labels[te], [feats.paths[i] for i in te], [])
+    else:
+        a, classes = labeled_features(encoder, train_dir, on_progress=on_progress)
+        b, _ = labeled_features(encoder, test_dir, classes=classes, on_progress=on_progress)
+    if len(classes) < 2:
+        raise InputError(f"found {len(classes)} class subfolder; evaluation needs at least 2 classes")
+    result = {
+        "model": str(encoder.run_dir), "step": encoder.step, "classes": len(classes),
+        "n_train": len(a.labels), "n_test": len(b.labels), "k": k,
+        "knn": knn_accuracy(a.emb, a.labels, b.emb, b.labels, k=k),
+        "linear": linear_probe_accuracy(a.emb, a.labels, b.emb, b.labels, seed=seed),
+        "skipped": len(a.skipped) + len(b.skipped),
+    }
+    if raw:
+        result["raw_knn"] = knn_accuracy(a.raw, a.labels, b.raw, b.labels, k=k)
+        result["raw_linear"] = linear_probe_accuracy(a.raw, a.labels, b.raw, b.labels, seed=seed)
+    return result
