@@ -48,6 +48,8 @@ def write_split(root: Path, split: str, limit: int | None) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining budget per loss")
+    p.add_argument("--steps", type=int, default=0,
+                   help="train a fixed number of steps instead of --minutes (fair on a busy machine)")
     p.add_argument("--losses", nargs="+", default=["ntxent", "cosine"])
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=256)
@@ -73,16 +75,16 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     base = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.image_size), batch_size=a.batch_size,
-                       time_budget=a.minutes, log_every=50)
+                       time_budget=0 if a.steps else a.minutes, steps=a.steps, log_every=50)
     rnd = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=random_encoder(base))
     report(model="random init", **{k: rnd[k] for k in ("knn", "linear", "n_train", "n_test")})
     report(model="raw pixels", knn=rnd["raw_knn"], linear=rnd["raw_linear"])
     for loss in a.losses:
         cfg = TrainConfig(**{**base.__dict__, "loss": loss})
-        run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}-{a.minutes:g}min"
+        run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}"
         summary = pretrain(train_dir, cfg, run, force=True)
         res = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=load_encoder(run), raw=False)
-        report(model=f"{a.encoder} {loss}", minutes=a.minutes, steps=summary["steps"],
+        report(model=f"{a.encoder} {loss}", budget_minutes=0 if a.steps else a.minutes, steps=summary["steps"],
                wall_s=round(summary["wall_s"]), knn=res["knn"], linear=res["linear"],
                final_loss=summary["final_loss"])
 

@@ -96,6 +96,7 @@ def pretrain(
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Save a checkpoint every N steps (0: at the end only).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint (its config.json is used).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in --output.")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep decoded images in the user cache directory, so later runs on the folder skip decoding.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Train an encoder on augmented view pairs of the images in FOLDER; write a run directory."""
@@ -118,7 +119,7 @@ def pretrain(
 
     display = console.TrainDisplay(quiet=quiet)
     try:
-        summary = _run(run_pretrain, folder, cfg, output, resume=resume, force=force, monitor=display)
+        summary = _run(run_pretrain, folder, cfg, output, resume=resume, force=force, monitor=display, cache=cache)
     finally:
         display.close()
     typer.echo(summary["output"])  # stdout: the run directory, for scripts

@@ -29,6 +29,7 @@ from flax import nnx
 
 from . import augment, checkpoint, losses
 from .config import TrainConfig
+from .cache import load_cached
 from .data import ImageSet, batch_indices, load_folder
 from .errors import CheckpointError, ConfigError, ContrastiveError
 from .mesh import batch_sharding, check_batch, data_mesh, replicated
@@ -262,6 +263,7 @@ def pretrain(
     force: bool = False,
     monitor: Monitor | None = None,
     images: ImageSet | None = None,
+    cache: bool = True,
 ) -> dict:
     """Train on the images under `folder`; write checkpoints, metrics and config to `output`.
 
@@ -277,7 +279,13 @@ def pretrain(
     check_batch(cfg.batch_size, mesh)
 
     t0 = time.perf_counter()
-    data = images or load_folder(folder, working_size(cfg.model.image_size), on_progress=monitor.loading)
+    size = working_size(cfg.model.image_size)
+    if images is not None:
+        data = images
+    elif cache:  # decoded once per folder and resolution, reused by later runs (cache.py)
+        data = load_cached(folder, size, on_progress=monitor.loading)[0]
+    else:
+        data = load_folder(folder, size, on_progress=monitor.loading)
     load_s = time.perf_counter() - t0
     cfg = _prepare_run_dir(output, cfg, resume=resume, force=force)
     check_batch(cfg.batch_size, mesh)

@@ -1,0 +1,131 @@
+"""Decoded-image cache: decode a folder once, reuse it in every later run on that folder.
+
+    CACHE/decoded/<hash of folder path and resolution>/
+        index.json        rows: [relative path, byte size, mtime_ns] per cached image, skipped files
+        images-<id>.bin   uint8 [N, R, R, 3], memory-mapped (a folder larger than RAM stays on disk)
+
+Entries are keyed per file by (path, size, mtime) and per folder by resolution, so a run after a
+change re-decodes only the files that changed. The index is replaced atomically and names the
+data file it describes, so a concurrent reader never sees an index with the wrong data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import checkpoint
+from .data import (IMAGE_EXTENSIONS, ImageSet, _decode_or_reason, decode_pool, load_folder, no_usable_image,
+                   quiet_pillow, scan_folder)
+from .errors import InputError
+from .runtime import cache_dir
+
+VERSION = 1  # bump when decoding changes, so old entries are not reused
+
+
+def _entry_dir(folder: Path, size: int, root: Path | None) -> Path:
+    key = hashlib.sha1(f"{Path(folder).resolve()}|{size}|v{VERSION}".encode()).hexdigest()[:20]
+    return (root or cache_dir() / "decoded") / key
+
+
+def _stat_key(folder: Path, path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+
+
+def _read_entry(entry: Path, size: int):
+    """(rows {key: row}, skipped {key: reason}, images memmap) of an existing entry, or empties."""
+    try:
+        index = json.loads((entry / "index.json").read_text())
+        shape = (len(index["rows"]), size, size, 3)
+        images = np.memmap(entry / index["data"], np.uint8, "r", shape=shape) if index["rows"] else None
+        rows = {tuple(k): i for i, k in enumerate(index["rows"])}
+        skipped = {tuple(k): r for k, r in index["skipped"]}
+        return rows, skipped, images
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, {}, None
+
+
+def load_cached(
+    folder: Path,
+    size: int,
+    *,
+    root: Path | None = None,
+    workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[ImageSet, int]:
+    """Like data.load_folder, through the cache: (ImageSet with memory-mapped images, files decoded now).
+
+    Falls back to decoding in memory when the cache directory cannot be written.
+    """
+    folder = Path(folder)
+    entry = _entry_dir(folder, size, root)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        data = load_folder(folder, size, workers=workers, on_progress=on_progress)
+        return data, len(data) + len(data.skipped)
+    unreadable: list[tuple[str, str]] = []
+    files = scan_folder(folder, skipped=unreadable)
+    if not files:
+        raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    keys = [_stat_key(folder, f) for f in files]
+    old_rows, old_skipped, old_images = _read_entry(entry, size)
+    fresh = [i for i, k in enumerate(keys) if k is None or (k not in old_rows and k not in old_skipped)]
+    if not fresh and old_images is not None and [k for k in keys if k in old_rows] == list(old_rows):
+        # Nothing changed (files may have been removed only if none were: rows match in order).
+        if on_progress:
+            on_progress(len(files), len(files))
+        paths = [k[0] for k in keys if k in old_rows]
+        skipped = unreadable + [(k[0], old_skipped[k]) for k in keys if k in old_skipped]
+        return ImageSet(folder, paths, old_images, skipped), 0
+
+    data_name = f"images-{uuid.uuid4().hex[:12]}.bin"
+    out = np.memmap(entry / data_name, np.uint8, "w+", shape=(len(files), size, size, 3))
+    rows, skipped_keys, paths, skipped = [], [], [], list(unreadable)
+    decoded = iter(())
+    with decode_pool(workers) as pool, quiet_pillow():
+        decoded = pool.map(lambda i: _decode_or_reason(files[i], size), fresh)
+        fresh_set = set(fresh)
+        j = 0
+        for i, key in enumerate(keys):
+            if i in fresh_set:
+                result = next(decoded)
+            elif key in old_rows:
+                result = old_images[old_rows[key]]
+            else:
+                result = old_skipped[key]
+            rel = files[i].relative_to(folder).as_posix()
+            if isinstance(result, str):
+                skipped.append((rel, result))
+                if key is not None:
+                    skipped_keys.append([list(key), result])
+            else:
+                out[j] = result
+                rows.append(list(key))
+                paths.append(rel)
+                j += 1
+            if on_progress:
+                on_progress(i + 1, len(files))
+    out.flush()
+    del out
+    if not paths:
+        (entry / data_name).unlink(missing_ok=True)
+        raise no_usable_image(folder, len(files), skipped)
+    os.truncate(entry / data_name, j * size * size * 3)
+    checkpoint.write_json_atomic(entry / "index.json", {"version": VERSION, "folder": str(folder.resolve()),
+                                                        "size": size, "data": data_name, "rows": rows,
+                                                        "skipped": skipped_keys})
+    for stale in entry.glob("images-*.bin"):
+        if stale.name != data_name:
+            stale.unlink(missing_ok=True)  # a reader that has it mapped keeps its pages
+    images = np.memmap(entry / data_name, np.uint8, "r", shape=(j, size, size, 3))
+    return ImageSet(folder, paths, images, skipped), len(fresh)
