@@ -98,6 +98,9 @@ def pretrain(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in --output.")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep decoded images in the user cache directory, so later runs on the folder skip decoding.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    coordinator: Annotated[Optional[str], typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(min=1, help="Multi-process training: how many processes (with --coordinator).")] = None,
+    process_id: Annotated[Optional[int], typer.Option(min=0, help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
 ) -> None:
     """Train an encoder on augmented view pairs of the images in FOLDER; write a run directory."""
     _folder(folder, "FOLDER")
@@ -119,7 +122,8 @@ def pretrain(
 
     display = console.TrainDisplay(quiet=quiet)
     try:
-        summary = _run(run_pretrain, folder, cfg, output, resume=resume, force=force, monitor=display, cache=cache)
+        summary = _run(run_pretrain, folder, cfg, output, resume=resume, force=force, monitor=display, cache=cache,
+                       coordinator=coordinator, num_processes=num_processes, process_id=process_id)
     finally:
         display.close()
     typer.echo(summary["output"])  # stdout: the run directory, for scripts
