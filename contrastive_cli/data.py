@@ -168,7 +168,8 @@ def _reason(err: BaseException, path: Path | None = None) -> str:
     if isinstance(err, UnusableImage):
         return str(err)
     if isinstance(err, Image.DecompressionBombError):
-        return f"too large: over the decompression-bomb limit of {pixel_limit() or 0:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
+        return (f"too large: over twice the decompression-bomb limit of {pixel_limit() or 0:,} pixels "
+                "(PIL.Image.MAX_IMAGE_PIXELS)")
     if isinstance(err, UnidentifiedImageError):
         return "not an image Pillow can read (tried JPEG, PNG, GIF, BMP, TIFF, WebP, PPM)"
     if isinstance(err, PermissionError):
