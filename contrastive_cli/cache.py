@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,8 @@ VERSION = 1  # bump when decoding changes, so old entries are not reused
 
 
 def _entry_dir(folder: Path, size: int, root: Path | None) -> Path:
-    key = hashlib.sha1(f"{Path(folder).resolve()}|{size}|v{VERSION}".encode()).hexdigest()[:20]
+    name = f"{Path(folder).resolve()}|{size}|v{VERSION}".encode("utf-8", "surrogateescape")  # any folder name
+    key = hashlib.sha1(name).hexdigest()[:20]
     return (root or cache_dir() / "decoded") / key
 
 
@@ -42,16 +44,23 @@ def _stat_key(folder: Path, path: Path) -> tuple[str, int, int] | None:
 
 
 def _read_entry(entry: Path, size: int):
-    """(rows {key: row}, skipped {key: reason}, images memmap) of an existing entry, or empties."""
+    """(rows {key: row}, skipped {key: reason}, images memmap, data file name) of an entry, or empties."""
     try:
-        index = json.loads((entry / "index.json").read_text())
+        index = json.loads((entry / "index.json").read_text(errors="surrogateescape"))
         shape = (len(index["rows"]), size, size, 3)
         images = np.memmap(entry / index["data"], np.uint8, "r", shape=shape) if index["rows"] else None
         rows = {tuple(k): i for i, k in enumerate(index["rows"])}
         skipped = {tuple(k): r for k, r in index["skipped"]}
-        return rows, skipped, images
+        return rows, skipped, images, index["data"]
     except (OSError, ValueError, KeyError, TypeError):
-        return {}, {}, None
+        return {}, {}, None, None
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def load_cached(
@@ -78,7 +87,7 @@ def load_cached(
     if not files:
         raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     keys = [_stat_key(folder, f) for f in files]
-    old_rows, old_skipped, old_images = _read_entry(entry, size)
+    old_rows, old_skipped, old_images, old_name = _read_entry(entry, size)
     fresh = [i for i, k in enumerate(keys) if k is None or (k not in old_rows and k not in old_skipped)]
     if not fresh and old_images is not None and [k for k in keys if k in old_rows] == list(old_rows):
         # Nothing changed (files may have been removed only if none were: rows match in order).
@@ -106,7 +115,8 @@ def load_cached(
             rel = files[i].relative_to(folder).as_posix()
             if isinstance(result, str):
                 skipped.append((rel, result))
-                if key is not None:
+                if key is not None and not result.startswith("permission denied"):
+                    # (a chmod changes no mtime: an unreadable file is tried again next time)
                     skipped_keys.append([list(key), result])
             else:
                 out[j] = result
@@ -124,8 +134,10 @@ def load_cached(
     checkpoint.write_json_atomic(entry / "index.json", {"version": VERSION, "folder": str(folder.resolve()),
                                                         "size": size, "data": data_name, "rows": rows,
                                                         "skipped": skipped_keys})
+    # Drop the data this index replaced (a reader that has it mapped keeps its pages), and leftovers
+    # of interrupted runs; never a file another run may still be writing.
     for stale in entry.glob("images-*.bin"):
-        if stale.name != data_name:
-            stale.unlink(missing_ok=True)  # a reader that has it mapped keeps its pages
+        if stale.name != data_name and (stale.name == old_name or _age_s(stale) > 24 * 3600):
+            stale.unlink(missing_ok=True)
     images = np.memmap(entry / data_name, np.uint8, "r", shape=(j, size, size, 3))
     return ImageSet(folder, paths, images, skipped), len(fresh)
