@@ -49,7 +49,7 @@ def test_readme_main_job_runs(tmp_path):
     assert -1.0 <= value <= 1.0
 
 
-@pytest.mark.parametrize("command", ["pretrain", "embed", "similarity"])
+@pytest.mark.parametrize("command", ["pretrain", "embed", "similarity", "evaluate", "neighbors", "duplicates"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "contrastive_cli.cli", command, "--help"],
                          capture_output=True, text=True)
