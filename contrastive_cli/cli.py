@@ -53,6 +53,21 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+def _range(lo: float | None, hi: float | None):
+    """A callback that rejects numbers outside [lo, hi] with a usage error that shows the value
+    (Typer's own min=/max= messages leave the value out)."""
+
+    def check(value):
+        if value is None:
+            return value
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"at least {lo:g}" if hi is None else f"at most {hi:g}" if lo is None else f"in {lo:g}..{hi:g}"
+            raise typer.BadParameter(f"{value:g} is not valid: it must be {bounds}")
+        return value
+
+    return check
+
+
 def _folder(path: Path, param: str) -> Path:
     """A file where a folder is expected is a usage error (exit 2); a missing folder is exit 1."""
     if path.exists() and not path.is_dir():
@@ -79,28 +94,28 @@ def _run(fn, *args, **kwargs):
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; labels not needed).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory. Default: a new folder under ./runs/.")] = None,
-    steps: Annotated[int, typer.Option(min=0, help="Training steps (one batch each). Give this or --epochs.")] = 0,
-    epochs: Annotated[int, typer.Option(min=0, help=f"Passes over the folder. Default: {TrainConfig.DEFAULT_EPOCHS} when --steps is not given.")] = 0,
-    time_budget: Annotated[float, typer.Option("--time-budget", min=0.0, help="Train for this many minutes of wall-clock time instead (the step count and learning-rate schedule follow the measured speed).")] = 0.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Images per step; each gives a positive pair, all others are negatives.")] = TrainConfig.batch_size,
-    image_size: Annotated[int, typer.Option(min=16, max=1024, help="Side of the square views the encoder sees, in pixels.")] = ModelConfig.image_size,
+    steps: Annotated[int, typer.Option(callback=_range(0, None), help="Training steps (one batch each). Give this or --epochs.")] = 0,
+    epochs: Annotated[int, typer.Option(callback=_range(0, None), help=f"Passes over the folder. Default: {TrainConfig.DEFAULT_EPOCHS} when --steps is not given.")] = 0,
+    time_budget: Annotated[float, typer.Option("--time-budget", callback=_range(0.0, None), help="Train for this many minutes of wall-clock time instead (the step count and learning-rate schedule follow the measured speed).")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(2, None), help="Images per step; each gives a positive pair, all others are negatives.")] = TrainConfig.batch_size,
+    image_size: Annotated[int, typer.Option(callback=_range(16, 1024), help="Side of the square views the encoder sees, in pixels.")] = ModelConfig.image_size,
     encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: trains at hundreds of pairs/s on a laptop CPU) or 'resnet18' (small-image stem; ~20x slower, better on GPU).")] = Encoder.small,
     loss: Annotated[Loss, typer.Option(help="ntxent: SimCLR's NT-Xent (default, best kNN accuracy in our benchmark); cosine: pairwise cosine (positives to 1, negatives to 0).")] = Loss.ntxent,
-    temperature: Annotated[float, typer.Option(min=1e-4, help="NT-Xent temperature.")] = TrainConfig.temperature,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate. Default: scaled with the batch size for the optimizer.")] = 0.0,
+    temperature: Annotated[float, typer.Option(callback=_range(1e-4, None), help="NT-Xent temperature.")] = TrainConfig.temperature,
+    lr: Annotated[float, typer.Option(callback=_range(0.0, None), help="Peak learning rate. Default: scaled with the batch size for the optimizer.")] = 0.0,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (warm-up then cosine decay).")] = Optimizer.adamw,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
+    weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
     precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision.float32,
-    log_every: Annotated[int, typer.Option(min=1, help="Log metrics every N steps.")] = TrainConfig.log_every,
-    checkpoint_every: Annotated[int, typer.Option(min=0, help="Save a checkpoint every N steps (0: at the end only).")] = 0,
+    log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,
+    checkpoint_every: Annotated[int, typer.Option(callback=_range(0, None), help="Save a checkpoint every N steps (0: at the end only).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint (its config.json is used).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in --output.")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep decoded images in the user cache directory, so later runs on the folder skip decoding.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     coordinator: Annotated[Optional[str], typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
-    num_processes: Annotated[Optional[int], typer.Option(min=1, help="Multi-process training: how many processes (with --coordinator).")] = None,
-    process_id: Annotated[Optional[int], typer.Option(min=0, help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(callback=_range(1, None), help="Multi-process training: how many processes (with --coordinator).")] = None,
+    process_id: Annotated[Optional[int], typer.Option(callback=_range(0, None), help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
 ) -> None:
     """Train an encoder on augmented view pairs of the images in FOLDER; write a run directory."""
     _folder(folder, "FOLDER")
@@ -134,7 +149,7 @@ def embed(
     folder: Annotated[Path, typer.Argument(help="Folder of images to embed (recursive).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Embeddings file (.npy); the index goes beside it as .json.")] = Path("embeddings.npy"),
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(1, None), help="Images per forward pass.")] = 128,
     dtype: Annotated[DType, typer.Option(help="Stored dtype; float16 halves the file.")] = DType.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
@@ -192,10 +207,10 @@ def _csv(header: list[str], rows: list[list]) -> None:
 def neighbors(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
     query: Annotated[Optional[Path], typer.Option("--query", help="Image file to embed and search for.")] = None,
-    row: Annotated[Optional[int], typer.Option("--row", min=0, help="Search for row I of the embeddings (itself left out).")] = None,
+    row: Annotated[Optional[int], typer.Option("--row", callback=_range(0, None), help="Search for row I of the embeddings (itself left out).")] = None,
     path: Annotated[Optional[str], typer.Option("--path", help="Search for an indexed image: its path as in the index, or a path to the file (itself left out).")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Run directory that embeds --query. Default: the model named in the index.")] = None,
-    k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
+    k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Number of neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: rank,row,path,cosine.")] = False,
 ) -> None:
@@ -226,7 +241,7 @@ def neighbors(
 @app.command()
 def duplicates(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
-    threshold: Annotated[float, typer.Option("--threshold", "-t", min=-1.0, max=1.0, help="Cosine at or above which two images count as near-duplicates; depends on the model, so check a few pairs with `neighbors` first.")],
+    threshold: Annotated[float, typer.Option("--threshold", "-t", callback=_range(-1.0, 1.0), help="Cosine at or above which two images count as near-duplicates; depends on the model, so check a few pairs with `neighbors` first.")],
     cross: Annotated[Optional[Path], typer.Option("--cross", help="Second embeddings file: list pairs between the two sets instead of groups within one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (the default).")] = False,
@@ -273,8 +288,8 @@ def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")] = None,
     train: Annotated[Optional[Path], typer.Option("--train", help="Labeled training folder (instead of splitting FOLDER).")] = None,
     test: Annotated[Optional[Path], typer.Option("--test", help="Labeled test folder (with --train).")] = None,
-    test_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each class held out for testing.")] = 0.2,
-    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours that vote in kNN.")] = 20,
+    test_fraction: Annotated[float, typer.Option(callback=_range(0.01, 0.99), help="Share of each class held out for testing.")] = 0.2,
+    k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Neighbours that vote in kNN.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the split and the linear probe.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
@@ -309,6 +324,9 @@ def main() -> None:
         return
     try:
         app()
+    except BrokenPipeError:  # `contrastive duplicates ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
     except Exception as e:  # a bug, not bad input: one line, the traceback on request
         console.error(f"internal error: {type(e).__name__}: {e} (set CONTRASTIVE_DEBUG=1 for the traceback)")
         sys.exit(1)

@@ -1,11 +1,96 @@
-"""Device mesh and sharding helpers: a 1-D `data` mesh, batch sharded, state replicated."""
+"""Device mesh, sharding helpers and multi-process start-up.
+
+One 1-D `data` mesh over every device of every process: the batch is split over it, the train
+state is replicated, so negatives and BatchNorm statistics span the global batch. With several
+processes (hosts), each feeds only the rows its own devices hold (`local_rows`).
+"""
 from __future__ import annotations
+
+import os
+import re
+import sys
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .errors import ConfigError
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+    """Join a multi-process run (`jax.distributed.initialize`); True when this process joined one.
+
+    Give all three of `coordinator` ("HOST:PORT" of process 0), `num_processes` and `process_id`,
+    or none: then an `srun` step or `mpirun` launch of several processes is joined (JAX reads their
+    environment), else the run is single-process. Must run before anything touches a JAX device.
+    On CPU the cross-process collectives are gloo (jax 0.10's default
+    `jax_cpu_collectives_implementation`; nothing to set).
+    """
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ConfigError(f"--coordinator ({coordinator}), --num-processes ({num_processes}) and "
+                          f"--process-id ({process_id}) go together: give all three or none")
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    if all(given):
+        if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):
+            raise ConfigError(f"coordinator {coordinator!r} is not HOST:PORT (for example 10.0.0.1:1234)")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"process id {process_id} is not in [0, {num_processes}) for {num_processes} processes")
+        if num_processes == 1:
+            return False
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    elif _launcher_present():
+        kwargs = {}  # JAX reads the launcher's environment
+    else:
+        return False
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
+        if "must be called before" in str(e):
+            raise ConfigError("cannot join a multi-process run: this process already used a JAX device") from None
+        raise ConfigError(f"cannot join the multi-process run at {coordinator or 'the launcher address'}: {e}") from None
+    if jax.process_count() > 1:
+        _native_stdout_to_stderr()
+    return jax.process_count() > 1
+
+
+def _native_stdout_to_stderr() -> None:
+    """Send what native code prints to stderr; Python's sys.stdout keeps the real stdout.
+
+    Gloo prints "[Gloo] Rank 0 is connected to 3 peer ranks" on file descriptor 1 whenever it sets
+    up a communicator; stdout carries results only (the run directory), so move fd 1 to stderr.
+    """
+    sys.stdout.flush()
+    try:
+        results = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        return
+    sys.stdout = os.fdopen(results, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+
+
+def _launcher_present() -> bool:
+    """An `srun` step or `mpirun` launch of several processes (JAX then finds its parameters).
+
+    SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script of an --ntasks=4 job that runs one
+    `contrastive` without srun is a single process.
+    """
+    env = os.environ
+
+    def count(name):
+        try:
+            return int(env.get(name, "1"))
+        except ValueError:
+            return 1
+
+    return ("SLURM_JOB_ID" in env and count("SLURM_STEP_NUM_TASKS") > 1) or count("OMPI_COMM_WORLD_SIZE") > 1
+
+
+def is_primary() -> bool:
+    """True on the process that writes files and talks to the user (process 0)."""
+    return jax.process_index() == 0
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -28,3 +113,30 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     if batch_size % n:
         lo, hi = batch_size - batch_size % n, batch_size + n - batch_size % n
         raise ConfigError(f"batch size {batch_size} is not divisible by {n} devices; use {lo or n} or {hi}")
+
+
+def local_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+    """Rows of a global [batch_size, ...] batch that this process's devices hold, in order.
+
+    `jax.make_array_from_process_local_data(sharding, batch[rows])` then builds the global array;
+    with one process this is every row.
+    """
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    rows = {r for (s,) in index_map.values() for r in range(*s.indices(batch_size))}
+    return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
+    """The global [batch_size, ...] array from this process's rows of it (`local_rows`)."""
+    return jax.make_array_from_process_local_data(sharding, local, (batch_size, *local.shape[1:]))
+
+
+def agree(values: list[int]) -> np.ndarray:
+    """Every process's `values` (int32), stacked [processes, len(values)]; a collective: all must call."""
+    local = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+

@@ -16,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,8 @@ from .config import TrainConfig
 from .cache import load_cached
 from .data import ImageSet, batch_indices, load_folder
 from .errors import CheckpointError, ConfigError, ContrastiveError
-from .mesh import batch_sharding, check_batch, data_mesh, replicated
+from .mesh import (agree, batch_sharding, check_batch, data_mesh, global_batch, init_distributed, is_primary,
+                   local_rows, replicated)
 from .models import SimCLRModel
 from .runtime import enable_compilation_cache
 
@@ -105,12 +107,21 @@ def compute_dtype(cfg: TrainConfig):
     return jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
 
 
-def init_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict]:
-    """Model graph (static) and the state pytree {params, stats, opt, step, total}, seeded by cfg.seed."""
-    model = SimCLRModel(cfg.model, dtype=compute_dtype(cfg), rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
-    graphdef, params, stats = nnx.split(model, nnx.Param, ...)
-    return graphdef, {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.int32(0),
-                      "total": jnp.int32(1)}
+def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, sharding=None) -> tuple[nnx.GraphDef, dict]:
+    """Model graph (static) and the state pytree {params, stats, opt, step, total}, seeded by cfg.seed.
+
+    With `sharding`, the state is built by one jitted program straight into it: one compile instead
+    of an eager op per layer, and no host-to-device copy (checked equal across processes per leaf).
+    """
+    holder = {}
+
+    def build():
+        model = SimCLRModel(cfg.model, dtype=compute_dtype(cfg), rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
+        holder["graphdef"], params, stats = nnx.split(model, nnx.Param, ...)
+        return {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.int32(0), "total": jnp.int32(1)}
+
+    state = build() if sharding is None else jax.jit(build, out_shardings=sharding)()
+    return holder["graphdef"], state
 
 
 def working_size(image_size: int) -> int:
@@ -119,12 +130,17 @@ def working_size(image_size: int) -> int:
 
 
 def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh):
-    """The jitted step: (state, uint8 images [B, R, R, 3], base key) -> (state, outputs)."""
+    """The jitted step: (state, uint8 images [B, R, R, 3]) -> (state, outputs).
+
+    Outputs: loss and lr of this step, the projections z1, z2 [B, D], and `finite`: the loss and
+    the new state are all finite (a state that is not is never saved).
+    """
     loss_fn = losses.LOSSES[cfg.loss]
     size = cfg.model.image_size
     peak = learning_rate(cfg)
 
-    def step(state, images, base_key):
+    def step(state, images):
+        base_key = jax.random.key(cfg.seed + 1)
         key = jax.random.fold_in(base_key, state["step"])  # a resumed run replays the same stream
         v1, v2 = augment.augment_views(images, key=key, cfg=cfg.augment, size=size)
         x = jnp.concatenate([v1, v2])  # [2B, S, S, 3]: one encoder pass, BN statistics over both views
@@ -144,10 +160,14 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
         updates, opt = tx.update(grads, opt, state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"params": params, "stats": stats, "opt": opt, "step": state["step"] + 1, "total": state["total"]}
-        return new, {"loss": loss, "lr": lr, "z1": z1, "z2": z2}
+        finite = jnp.isfinite(loss)
+        for leaf in jax.tree.leaves((params, stats, opt)):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                finite &= jnp.all(jnp.isfinite(leaf))
+        return new, {"loss": loss, "lr": lr, "z1": z1, "z2": z2, "finite": finite}
 
     repl, batch = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=0)
+    return jax.jit(step, in_shardings=(repl, batch), out_shardings=(repl, repl), donate_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +185,10 @@ class Monitor:
 
 @dataclass
 class _Prefetcher:
-    """Gathers and transfers the next host batches on a thread while the current step runs."""
+    """Gathers and transfers the next batches on a thread while the current step runs.
+
+    Each process gathers only the rows of the global batch that its own devices hold.
+    """
 
     images: np.ndarray
     cfg: TrainConfig
@@ -182,19 +205,23 @@ class _Prefetcher:
 
     def _run(self):
         try:
+            b = self.cfg.batch_size
+            rows = local_rows(self.sharding, b)
             for s in itertools.count(self.start):
-                idx = batch_indices(len(self.images), self.cfg.batch_size, s, seed=self.cfg.seed)
-                item = jax.device_put(self.images[idx], self.sharding)
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                idx = batch_indices(len(self.images), b, s, seed=self.cfg.seed)[rows]
+                if not self._put(global_batch(self.images[idx], self.sharding, b)):
                     return
         except BaseException as e:  # surface loader failures in the training thread
-            self._q.put(e)
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def get(self):
         item = self._q.get()
@@ -204,6 +231,7 @@ class _Prefetcher:
 
     def close(self):
         self._stop.set()
+        self._thread.join(timeout=10)  # no JAX call left running on a thread at interpreter exit
 
 
 def default_run_dir(cfg: TrainConfig, root: Path = Path("runs")) -> Path:
@@ -215,11 +243,25 @@ def default_run_dir(cfg: TrainConfig, root: Path = Path("runs")) -> Path:
     return path
 
 
-def _prepare_run_dir(output: Path, cfg: TrainConfig, *, resume: bool, force: bool) -> TrainConfig:
-    """Create or reopen `output`; never overwrite a user's run without --force."""
-    if resume:
-        saved = checkpoint.read_config(output)
-        return saved
+def _prepare_run_dir(output: Path, cfg: TrainConfig, *, force: bool) -> None:
+    """Create `output` for a new run (process 0 only); never overwrite a user's run without --force.
+
+    A collective: every process calls it, and every process raises when process 0 could not.
+    """
+    error = None
+    if is_primary():
+        try:
+            _make_run_dir(output, cfg, force=force)
+        except ContrastiveError as e:
+            error = e
+    failed = agree([error is not None])[0, 0]  # also the barrier: the directory is ready after it
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"process 0 could not prepare {output}; see its messages")
+
+
+def _make_run_dir(output: Path, cfg: TrainConfig, *, force: bool) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         if not force:
             raise CheckpointError(f"{output} already exists; pass --resume to continue that run or --force to replace it")
@@ -228,7 +270,58 @@ def _prepare_run_dir(output: Path, cfg: TrainConfig, *, resume: bool, force: boo
         shutil.rmtree(output) if output.is_dir() else output.unlink()
     output.mkdir(parents=True, exist_ok=True)
     cfg.save(output / "config.json")
-    return cfg
+
+
+def _check_same_images(data: ImageSet, folder: Path) -> None:
+    """Every process must train on the same images: compare counts and a checksum of the paths."""
+    digest = zlib.crc32("\n".join(data.paths).encode("utf-8", "surrogateescape")) & 0x7FFFFFFF
+    seen = agree([len(data), digest])
+    if (seen != seen[0]).any():
+        counts = ", ".join(f"process {i}: {n}" for i, n in enumerate(seen[:, 0]))
+        raise ConfigError(f"the processes see different images in {folder} ({counts}); "
+                          "every process must read the same folder")
+
+
+class _FiniteCheck:
+    """Finds the first step whose loss or new state is not finite.
+
+    Per-step flags stay on the device until a step is logged or saved, then come back in one
+    transfer, so the check costs no synchronisation between those steps.
+    """
+
+    def __init__(self, start: int):
+        self.last_good = start
+        self._pending: list[tuple[int, Any, Any]] = []
+        self._bad: tuple[int, float] | None = None
+
+    def add(self, step: int, out: dict) -> None:
+        self._pending.append((step, out["finite"], out["loss"]))
+        if len(self._pending) >= 256:  # bounded, however rarely steps are logged
+            self._bad = self._bad or self._first_bad()
+
+    def _first_bad(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite step among the pending ones, or None."""
+        flags = jax.device_get([(ok, loss) for _, ok, loss in self._pending])
+        steps = [s for s, _, _ in self._pending]
+        self._pending.clear()
+        for step, (ok, loss) in zip(steps, flags):
+            if not ok:
+                return step, float(loss)
+            self.last_good = step
+        return None
+
+    def raise_if_diverged(self, *, mngr, output: Path, cfg: TrainConfig) -> None:
+        bad = self._bad or self._first_bad()
+        if bad is None:
+            return
+        step, loss = bad
+        what = f"loss became {loss}" if not math.isfinite(loss) else f"parameters became non-finite (loss {loss:.4g})"
+        since = f"finite up to step {self.last_good}" if self.last_good else "the first step"
+        kept = mngr.latest_step()
+        where = (f"the last good checkpoint, step {kept}, is kept in {output}" if kept is not None
+                 else f"no checkpoint was saved in {output}")
+        raise TrainingDiverged(f"training diverged: {what} at step {step} ({since}); {where} (nothing "
+                               f"non-finite is saved); try a lower --lr (was {learning_rate(cfg):g})")
 
 
 class _SignalFlag:
@@ -264,18 +357,35 @@ def pretrain(
     monitor: Monitor | None = None,
     images: ImageSet | None = None,
     cache: bool = True,
+    devices=None,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> dict:
     """Train on the images under `folder`; write checkpoints, metrics and config to `output`.
 
+    `devices`: the devices to train on (default: every device of every process). `coordinator`,
+    `num_processes`, `process_id`: join a multi-process run (see `mesh.init_distributed`); then
+    every process calls this with the same folder and `output` (a directory all of them reach),
+    each feeds its own devices' rows of every batch, and only process 0 writes metrics, config,
+    summary and progress; checkpoints are written by all together.
+
     Returns the summary written to output/summary.json. Raises ContrastiveError subclasses for
-    anything a user can fix; TrainingInterrupted after saving when SIGINT/SIGTERM arrive.
+    anything a user can fix; TrainingInterrupted after saving when SIGINT/SIGTERM arrive;
+    TrainingDiverged (nothing non-finite saved) when the loss or the state stops being finite.
     """
-    monitor = monitor or Monitor()
+    multi = init_distributed(coordinator, num_processes, process_id)
+    primary = is_primary()
+    monitor = (monitor or Monitor()) if primary else Monitor()
     enable_compilation_cache()
+    if output is None and multi:
+        raise ConfigError("a multi-process run needs --output: one run directory that every process can reach")
     output = Path(output) if output else default_run_dir(cfg)
     if resume and not checkpoint.is_run_dir(output):
         raise CheckpointError(f"cannot resume: {output} is not a run directory (no config.json)")
-    mesh = data_mesh()
+    if resume:  # the run's own settings (image size, batch size, ...), not the command line's defaults
+        cfg = checkpoint.read_config(output)
+    mesh = data_mesh(devices)
     check_batch(cfg.batch_size, mesh)
 
     t0 = time.perf_counter()
@@ -287,9 +397,11 @@ def pretrain(
     else:
         data = load_folder(folder, size, on_progress=monitor.loading)
     load_s = time.perf_counter() - t0
-    cfg = _prepare_run_dir(output, cfg, resume=resume, force=force)
-    check_batch(cfg.batch_size, mesh)
-    if data.skipped:
+    if multi:
+        _check_same_images(data, folder)
+    if not resume:
+        _prepare_run_dir(output, cfg, force=force)
+    if data.skipped and primary:
         # surrogateescape: a file name that is not UTF-8 is written back as its original bytes
         (output / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped),
                                             encoding="utf-8", errors="surrogateescape")
@@ -305,15 +417,14 @@ def pretrain(
             raise ConfigError(f"{len(data)} images cannot fill a batch on {mesh.devices.size} devices")
         monitor.warn(f"batch size {cfg.batch_size} is larger than the {len(data)} images; using {fit}")
         cfg = dataclasses.replace(cfg, batch_size=fit)
-        if not resume:
+        if not resume and primary:
             cfg.save(output / "config.json")
     # With a time budget, a placeholder until the compiled step's speed is measured (step 4).
     total = 10**6 if cfg.time_budget else cfg.total_steps(len(data))
 
     tx = make_optimizer(cfg)
-    graphdef, state = init_state(cfg, tx)
-    state["total"] = jnp.int32(total)
-    state = jax.device_put(state, replicated(mesh))
+    graphdef, state = init_state(cfg, tx, replicated(mesh))
+    state["total"] = jax.device_put(np.int32(total), replicated(mesh))
     mngr = checkpoint.manager(output, cfg.keep_checkpoints)
     start = 0
     if resume:
@@ -321,24 +432,27 @@ def pretrain(
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
             start, state = checkpoint.restore(mngr, abstract)
             total = int(state["total"])  # the schedule the run started with (a time budget set it)
-        _truncate_metrics(output / "metrics.jsonl", start)
+        if primary:
+            _truncate_metrics(output / "metrics.jsonl", start)
     if start >= total:
         monitor.warn(f"{output} already finished all {total} steps; nothing to do")
     budget = _Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not (resume and start) else None
 
     step_fn = make_step(cfg, graphdef, tx, mesh)
     metrics_fn = jax.jit(losses.batch_metrics)
-    base_key = jax.device_put(jax.random.key(cfg.seed + 1), replicated(mesh))
     monitor.start(dict(output=str(output), images=len(data), skipped=len(data.skipped), steps=total,
                        start=start, batch_size=cfg.batch_size, devices=mesh.devices.size,
                        backend=jax.default_backend(), load_s=load_s))
 
-    log = open(output / "metrics.jsonl", "a")
+    log = open(output / "metrics.jsonl", "a") if primary else None
     loader = _Prefetcher(data.images, cfg, start, sharding=batch_sharding(mesh))
-    last_good, window_t, window_wait, window_steps = start, time.perf_counter(), 0.0, 0
+    check = _FiniteCheck(start)
+    window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     compile_s = None
     loss = float("nan")
     step = start
+    proposal = None  # a new step total from the time budget, not yet agreed on
+    stop = 0  # the signal that stops the run, once agreed on
     try:
         with _SignalFlag() as flag:
             while step < total:
@@ -346,56 +460,66 @@ def pretrain(
                 batch = loader.get()
                 window_wait += time.perf_counter() - tw
                 ts = time.perf_counter()
-                state, out = step_fn(state, batch, base_key)
+                state, out = step_fn(state, batch)
                 step += 1
                 window_steps += 1
-                new_total = budget.update(step, start, out) if budget else None
-                if new_total is not None and new_total != total:
-                    total = max(new_total, step)
-                    state["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
-                is_log = step % cfg.log_every == 0 or step == total or step == start + 1 or flag.signum
+                check.add(step, out)
+                if budget:
+                    proposal = budget.update(step, start, out) or proposal
+                due = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                # Signals and the time budget are per process; with several processes they are agreed
+                # on (one small collective) only at steps every process recognises, so all of them
+                # log, save and stop at the same step. Process 0's clock sets the budget.
+                if not multi or due or step % cfg.log_every == 0 or step == total or step - start in (1, 4):
+                    votes = agree([flag.signum, -1 if proposal is None else proposal])
+                    stop, proposal = int(votes[:, 0].max()), None
+                    if votes[0, 1] >= 0 and votes[0, 1] != total:
+                        total = max(int(votes[0, 1]), step)
+                        state["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
+                is_log = step % cfg.log_every == 0 or step == total or step == start + 1 or stop
                 record = None
                 if is_log:
+                    check.raise_if_diverged(mngr=mngr, output=output, cfg=cfg)
                     loss = float(out["loss"])  # waits for the step
                     now = time.perf_counter()
                     if compile_s is None:
                         compile_s = now - ts
-                    if not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss became {loss} between steps {last_good} and {step}; "
-                            f"the last good checkpoint (step {mngr.latest_step()}) is kept in {output}; "
-                            f"try a lower --lr (was {learning_rate(cfg):g})")
-                    last_good = step
                     elapsed = now - window_t
                     record = {"step": step, "loss": loss, "lr": float(out["lr"]),
                               "pairs_per_s": window_steps * cfg.batch_size / elapsed if step != start + 1 else None,
                               "data_wait": window_wait / elapsed,
                               **{k: float(v) for k, v in metrics_fn(out["z1"], out["z2"]).items()}}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
                 monitor.step(step, total, record)
-                if flag.signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                if stop or due:
+                    check.raise_if_diverged(mngr=mngr, output=output, cfg=cfg)  # never save a bad state
                     checkpoint.save(mngr, step, state)
-                if flag.signum:
+                if stop:
                     mngr.wait_until_finished()
-                    name = signal.Signals(flag.signum).name
+                    name = signal.Signals(stop).name
                     raise TrainingInterrupted(
                         f"stopped by {name} after step {step}; checkpoint saved, continue with: "
-                        f"contrastive pretrain {folder} --output {output} --resume", flag.signum)
+                        f"contrastive pretrain {folder} --output {output} --resume", stop)
             if step > start and mngr.latest_step() != step:
+                check.raise_if_diverged(mngr=mngr, output=output, cfg=cfg)
                 checkpoint.save(mngr, step, state)
             mngr.wait_until_finished()
     finally:
         loader.close()
-        log.close()
+        if log:
+            log.close()
         mngr.close()
 
     summary = dict(output=str(output), steps=step, resumed_from=start, images=len(data),
                    skipped=len(data.skipped), final_loss=loss, batch_size=cfg.batch_size,
                    encoder=cfg.model.encoder, loss=cfg.loss, compile_s=compile_s,
-                   wall_s=time.perf_counter() - t0, load_s=load_s, devices=mesh.devices.size)
-    checkpoint.write_json_atomic(output / "summary.json", summary)
+                   wall_s=time.perf_counter() - t0, load_s=load_s, devices=mesh.devices.size,
+                   processes=jax.process_count())
+    if primary:
+        checkpoint.write_json_atomic(output / "summary.json", summary)
     monitor.end(summary)
     return summary
 

@@ -1,0 +1,145 @@
+"""pretrain() scaled and interrupted: 1 device == 4 devices, SIGTERM + --resume == one run, bf16,
+LARS and SGD train, a diverging run stops without saving a non-finite state."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from contrastive_cli import checkpoint
+from contrastive_cli.cli import app
+from contrastive_cli.config import ModelConfig, TrainConfig
+from contrastive_cli.data import load_folder
+from contrastive_cli.embed import load_encoder
+from contrastive_cli.errors import ConfigError
+from contrastive_cli.train import make_optimizer, pretrain, working_size
+from test_cli import write_images
+
+runner = CliRunner()
+STEPS = 8
+CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), steps=STEPS)  # what the CLI builds from ARGS
+ARGS = ["--steps", str(STEPS), "-b", "8", "--image-size", "16", "--log-every", "1", "--quiet", "--no-cache"]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "images"
+    write_images(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(folder):
+    return load_folder(folder, working_size(16))
+
+
+@pytest.fixture(scope="module")
+def full_run(folder, images, tmp_path_factory):
+    """STEPS uninterrupted steps on all 4 (forced) host devices: the reference."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    summary = pretrain(folder, CFG, run, images=images)
+    assert summary["devices"] == 4 and summary["steps"] == STEPS
+    return metrics(run)
+
+
+def test_one_device_matches_four(full_run, folder, images, tmp_path):
+    # BatchNorm statistics and the negatives span the global batch, so sharding it changes nothing.
+    pretrain(folder, CFG, tmp_path / "one", images=images, devices=jax.devices()[:1])
+    one = metrics(tmp_path / "one")
+    assert [r["step"] for r in one] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in one], [r["loss"] for r in full_run], rtol=0, atol=1e-5)
+    assert [r["lr"] for r in one] == [r["lr"] for r in full_run]
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["devices"] == 1
+
+
+def test_sigterm_then_resume_replays_the_uninterrupted_run(full_run, folder, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+    cmd = [sys.executable, "-m", "contrastive_cli.cli", "pretrain", str(folder), "-o", str(run), *ARGS,
+           "--checkpoint-every", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no third metrics line within 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    stopped = len(metrics(run))
+    assert 3 <= stopped < STEPS, "the run finished before SIGTERM arrived"
+    assert f"stopped by SIGTERM after step {stopped}" in err and "--resume" in err
+    assert checkpoint.manager(run).latest_step() == stopped  # the step in flight finished and was saved
+    assert not (run / "summary.json").exists()
+
+    result = runner.invoke(app, ["pretrain", str(folder), "-o", str(run), "--resume", "--quiet", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    resumed = metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    # Bit-exact: same learning rates (the schedule's total is in the state), same data order and
+    # augmentation (functions of the step), same parameters and optimizer state from the checkpoint.
+    for got, want in zip(resumed, full_run):
+        assert (got["step"], got["loss"], got["lr"], got["pos_cos"]) == (want["step"], want["loss"], want["lr"],
+                                                                          want["pos_cos"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == stopped and summary["steps"] == STEPS
+
+
+def test_batch_must_divide_the_devices(folder, tmp_path):
+    with pytest.raises(ConfigError, match="batch size 6 is not divisible by 4 devices; use 4 or 8"):
+        pretrain(folder, TrainConfig.tiny(batch_size=6), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars"])
+def test_weight_decay_and_trust_ratio_skip_biases_and_norms(optimizer):
+    # With zero gradients only weight decay moves a parameter: matrices shrink, 1-D leaves stay.
+    tx = make_optimizer(TrainConfig.tiny(optimizer=optimizer, lr=0.1, weight_decay=0.5))
+    params = {"kernel": np.ones((3, 3), np.float32), "bias": np.ones(3, np.float32)}
+    updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+    assert np.all(np.asarray(updates["kernel"]) < 0)
+    assert np.all(np.asarray(updates["bias"]) == 0)
+
+
+@pytest.mark.parametrize("precision, optimizer", [("bf16", "lars"), ("float32", "sgd")])
+def test_precisions_and_optimizers_train(folder, images, tmp_path, precision, optimizer):
+    cfg = TrainConfig.tiny(model=ModelConfig(image_size=16), steps=2, precision=precision, optimizer=optimizer)
+    summary = pretrain(folder, cfg, tmp_path / "run", images=images)
+    records = metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2] and summary["steps"] == 2
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in records)
+    params = load_encoder(tmp_path / "run").params
+    assert all(np.isfinite(np.asarray(p)).all() and p.dtype == np.float32 for p in jax.tree.leaves(params))
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    # lr 1e30: step 1 leaves huge but finite parameters, step 2's loss is NaN. The divergence is found
+    # before step 2 is saved (checkpoints every step) although its log step (3) is not reached.
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(folder), "-o", str(run), *ARGS, "--lr", "1e30",
+                                 "--log-every", "3", "--checkpoint-every", "1"])
+    assert result.exit_code == 1
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in result.output
+    assert "training diverged: loss became nan at step 2 (finite up to step 1)" in message
+    assert "the last good checkpoint, step 1, is kept" in message and "--lr" in message
+    assert checkpoint.manager(run).all_steps() == [1]
+    encoder = load_encoder(run)
+    assert encoder.step == 1
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(encoder.params))
+    assert [r["step"] for r in metrics(run)] == [1]
