@@ -15,3 +15,15 @@ class ConfigError(ContrastiveError):
 
 class CheckpointError(ContrastiveError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class TrainingInterrupted(ContrastiveError):
+    """SIGINT/SIGTERM arrived: the step in flight finished and a checkpoint was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class TrainingDiverged(ContrastiveError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
