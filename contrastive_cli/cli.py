@@ -35,6 +35,8 @@ class Encoder(str, Enum):
 class Loss(str, Enum):
     ntxent = "ntxent"
     cosine = "cosine"
+    dcl = "dcl"
+    sigmoid = "sigmoid"
 
 
 class Optimizer(str, Enum):
@@ -100,8 +102,8 @@ def pretrain(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(2, None), help="Images per step; each gives a positive pair, all others are negatives.")] = TrainConfig.batch_size,
     image_size: Annotated[int, typer.Option(callback=_range(16, 1024), help="Side of the square views the encoder sees, in pixels.")] = ModelConfig.image_size,
     encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: trains at hundreds of pairs/s on a laptop CPU) or 'resnet18' (small-image stem; ~20x slower, better on GPU).")] = Encoder.small,
-    loss: Annotated[Loss, typer.Option(help="ntxent: SimCLR's NT-Xent (default, best kNN accuracy in our benchmark); cosine: pairwise cosine (positives to 1, negatives to 0).")] = Loss.ntxent,
-    temperature: Annotated[float, typer.Option(callback=_range(1e-4, None), help="NT-Xent temperature.")] = TrainConfig.temperature,
+    loss: Annotated[Loss, typer.Option(help="ntxent: SimCLR's NT-Xent (default, best kNN accuracy in our benchmark); cosine: pairwise cosine (positives to 1, negatives to 0); dcl: decoupled contrastive (NT-Xent without the positive in the denominator); sigmoid: SigLIP's pairwise sigmoid with a learned scale and bias.")] = Loss.ntxent,
+    temperature: Annotated[float, typer.Option(callback=_range(1e-4, None), help="Temperature of ntxent and dcl.")] = TrainConfig.temperature,
     lr: Annotated[float, typer.Option(callback=_range(0.0, None), help="Peak learning rate. Default: scaled with the batch size for the optimizer.")] = 0.0,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (warm-up then cosine decay).")] = Optimizer.adamw,
     weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
@@ -109,6 +111,8 @@ def pretrain(
     precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision.float32,
     log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,
     checkpoint_every: Annotated[int, typer.Option(callback=_range(0, None), help="Save a checkpoint every N steps (0: at the end only).")] = 0,
+    eval_folder: Annotated[Optional[Path], typer.Option("--eval-folder", help="Labeled folder (one subfolder per class): log the kNN accuracy of the current encoder on it (`knn` in metrics.jsonl) every --eval-every steps and at the end.")] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", callback=_range(0, None), help="Steps between kNN probes on --eval-folder (0: at the end only).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint (its config.json is used).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in --output.")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep decoded images in the user cache directory, so later runs on the folder skip decoding.")] = True,
@@ -119,6 +123,8 @@ def pretrain(
 ) -> None:
     """Train an encoder on augmented view pairs of the images in FOLDER; write a run directory."""
     _folder(folder, "FOLDER")
+    if eval_folder is not None:
+        _folder(eval_folder, "--eval-folder")
     if resume and output is None:
         raise typer.BadParameter("--resume needs --output RUN_DIR", param_hint="--resume")
     if sum(bool(x) for x in (steps, epochs, time_budget)) > 1:
@@ -130,7 +136,8 @@ def pretrain(
             model=ModelConfig(encoder=encoder.value, image_size=image_size), augment=AugmentConfig(),
             batch_size=batch_size, steps=steps, epochs=epochs, time_budget=time_budget, loss=loss.value, temperature=temperature,
             optimizer=optimizer.value, lr=lr, weight_decay=weight_decay, seed=seed,
-            precision=precision.value, log_every=log_every, checkpoint_every=checkpoint_every)
+            precision=precision.value, log_every=log_every, checkpoint_every=checkpoint_every,
+            eval_folder=str(eval_folder.resolve()) if eval_folder else "", eval_every=eval_every)
 
     cfg = _run(build)
     from .train import pretrain as run_pretrain
@@ -315,6 +322,17 @@ def evaluate(
     typer.echo(f"{'raw pixels':12}{result['raw_knn']:>12.4f}{result['raw_linear']:>10.4f}")
     console.info(f"{result['classes']} classes, {result['n_train']} train / {result['n_test']} test images, "
                  f"model {result['model']} at step {result['step']}")
+
+
+@app.command()
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `contrastive pretrain`.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="PNG file to write. Default: RUN/metrics.png.")] = None,
+) -> None:
+    """Draw RUN/metrics.jsonl (loss, cosines, accuracy, emb_std, effective rank, lr over steps) to a PNG."""
+    from .plot import plot_metrics
+
+    typer.echo(str(_run(plot_metrics, run, output)))
 
 
 def main() -> None:

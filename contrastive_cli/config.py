@@ -13,7 +13,7 @@ from typing import Any
 from .errors import ConfigError
 
 ENCODERS = ("small", "resnet18")
-LOSSES = ("ntxent", "cosine")
+LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "bf16")
 
@@ -106,6 +106,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (and on interruption)
     keep_checkpoints: int = 2
+    eval_folder: str = ""  # labeled folder (class = subfolder) for a kNN probe during training
+    eval_every: int = 0  # run the probe every N steps and at the last; 0: at the last step only
 
     DEFAULT_EPOCHS = 20
 
@@ -133,6 +135,10 @@ class TrainConfig:
             raise ConfigError(f"warm-up fraction {self.warmup_fraction} is not in [0, 1)")
         if self.log_every < 1 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("log_every and keep_checkpoints must be >= 1, checkpoint_every >= 0")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every ({self.eval_every}) cannot be negative")
+        if self.eval_every and not self.eval_folder:
+            raise ConfigError(f"--eval-every {self.eval_every} needs --eval-folder: a labeled folder to probe")
 
     def total_steps(self, n_images: int) -> int:
         """Steps to run on a folder of `n_images` (epochs drop the last partial batch).

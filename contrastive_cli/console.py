@@ -63,6 +63,7 @@ class TrainDisplay:
         self.loading = DecodeProgress("decoding images") if not quiet else (lambda done, total: None)
         self._progress = None
         self._task = None
+        self._knn = None  # the latest kNN probe accuracy: shown until the next one
 
     def start(self, info: dict) -> None:
         if isinstance(self.loading, DecodeProgress):
@@ -84,10 +85,12 @@ class TrainDisplay:
         fields = {}
         if record is not None:
             rate = record.get("pairs_per_s")
+            self._knn = record.get("knn", self._knn)
             fields["stats"] = (f"loss {record['loss']:.4f}"
                                + (f"  {rate:,.0f} pairs/s" if rate else "")
                                + f"  data wait {100 * record['data_wait']:.0f}%"
-                               + f"  pos/neg cos {record.get('pos_cos', 0):.2f}/{record.get('neg_cos', 0):.2f}")
+                               + f"  pos/neg cos {record.get('pos_cos', 0):.2f}/{record.get('neg_cos', 0):.2f}"
+                               + (f"  kNN {self._knn:.3f}" if self._knn is not None else ""))
         self._progress.update(self._task, completed=step, total=total, **fields)
 
     def warn(self, message: str) -> None:

@@ -1,5 +1,8 @@
 """Pure contrastive losses and label-free batch health metrics.
 
+Losses: pairwise cosine (the seed's), NT-Xent (SimCLR), decoupled contrastive (DCL) and pairwise
+sigmoid (SigLIP, with a learned scale and bias); metrics: `batch_metrics`, `collapse_signal`.
+
 Every function takes the projections of two augmented views, `z1` and `z2`, each [N, D], where row
 i of `z1` and row i of `z2` come from the same image (a positive pair). The 2N views are stacked as
 `z = concat([z1, z2])` ([2N, D]), so view i's positive is view (i + N) mod 2N. All functions are
@@ -13,6 +16,7 @@ view) instead of giving NaN, and its gradient stays finite. This is the same flo
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -112,17 +116,96 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array
     return jnp.mean(jnp.log(jnp.sum(jnp.exp(logits), axis=1)) - positive)
 
 
-def _ntxent_entry(z1: jax.Array, z2: jax.Array, *, temperature: float) -> jax.Array:
+def decoupled_contrastive_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array:
+    """Decoupled contrastive learning loss, DCL (Yeh et al. 2022, eq. 6 with w = 1): NT-Xent with
+    the positive removed from the denominator.
+
+    "L_DC = -log [exp(<z_i, z_j>/tau) / sum_{k != i, k != j} exp(<z_i, z_k>/tau)]": removing the
+    positive decouples the pull on the positive from the push on the negatives, which in NT-Xent
+    share a factor (the "negative-positive coupling") that shrinks the gradient when the batch is
+    small or the positive is already close.
+
+    Args:
+      z1, z2: [N, D] projections of two views, N >= 2; (z1[i], z2[i]) is a positive pair.
+      temperature: tau > 0.
+
+    Returns:
+      float32 scalar: the mean over the 2N anchors of -s_pos/tau + logsumexp over the 2N - 2
+      negatives of s/tau (s cosine similarities). It can be negative. Closed forms: all rows
+      parallel gives log(2N - 2); z1 = z2 = orthonormal rows gives log(2N - 2) - 1/tau.
+
+    Raises ValueError for N = 1: with no negatives the denominator is an empty sum.
+    """
+    _, s = _views(z1, z2)
+    n = z1.shape[0]
+    if n < 2:
+        raise ValueError(f"the decoupled contrastive loss needs at least 2 pairs (negatives); got {n}")
+    _, pos_mask, neg_mask = _masks(n)
+    logits = s / temperature  # [2N, 2N]
+    positive = jnp.sum(jnp.where(pos_mask, logits, 0.0), axis=1)  # [2N]
+    negatives = jnp.where(neg_mask, logits, _MASK)  # self and positive excluded
+    # Shifted as in nt_xent: log sum exp(l - max) + (max - l_pos), no cancellation of two ~1/tau terms.
+    top = jax.lax.stop_gradient(jnp.max(negatives, axis=1))
+    return jnp.mean(jnp.log(jnp.sum(jnp.exp(negatives - top[:, None]), axis=1)) + (top - positive))
+
+
+SIGMOID_LOGIT_SCALE = math.log(10.0)  # SigLIP's initial t' (t = exp(t') = 10)
+SIGMOID_LOGIT_BIAS = -10.0  # SigLIP's initial b
+
+
+def sigmoid_loss(z1: jax.Array, z2: jax.Array, logit_scale: jax.Array | float = SIGMOID_LOGIT_SCALE,
+                 logit_bias: jax.Array | float = SIGMOID_LOGIT_BIAS) -> jax.Array:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, Algorithm 1), over the 2N views.
+
+    "logits = dot(zimg, ztxt.T) * t + b; labels = 2 * eye(n) - ones(n);
+    l = -sum(log_sigmoid(labels * logits)) / n". Every ordered pair of different views (i, j) is
+    an independent binary classification: positive (label +1) when j is i's other view, negative
+    (label -1) otherwise; no softmax over the batch. Self-pairs are excluded.
+
+    Args:
+      z1, z2: [N, D] projections of two views; (z1[i], z2[i]) is a positive pair.
+      logit_scale: t', with the scale t = exp(t') (so t stays positive); learned, initially log 10.
+      logit_bias: b; learned, initially -10, so the many negatives start with a small loss.
+
+    Returns:
+      float32 scalar  L = 1/(2N) sum_i sum_{j != i} -log sigmoid(y_ij (t s_ij + b)), y_ij = +-1:
+      the sum over each anchor's 2N - 1 pairs, averaged over the 2N anchors (SigLIP divides by the
+      batch, not by the number of pairs). Closed forms with x = t + b: all rows parallel gives
+      softplus(-x) + (2N - 2) softplus(x); z1 = z2 = orthonormal rows gives
+      softplus(-x) + (2N - 2) softplus(b).
+    """
+    _, s = _views(z1, z2)
+    self_mask, pos_mask, _ = _masks(z1.shape[0])
+    logits = jnp.exp(logit_scale) * s + logit_bias  # [2N, 2N]
+    labels = np.where(pos_mask, 1.0, -1.0)
+    # log_sigmoid is softplus-based: finite for any logit, no log(0).
+    pair_loss = jnp.where(self_mask, 0.0, -jax.nn.log_sigmoid(labels * logits))
+    return jnp.sum(pair_loss) / (2 * z1.shape[0])
+
+
+# The trainer's table: loss name (config.LOSSES) -> fn(z1, z2, *, temperature, logit_scale, logit_bias)
+# -> float32 scalar. One signature for all, so the step needs no per-loss branch; each loss ignores
+# what it does not use. logit_scale/logit_bias are the learned scalars (models.LogitScalars) of the
+# losses in LEARNED_SCALARS; the others get the defaults.
+def _ntxent_entry(z1, z2, *, temperature, logit_scale=SIGMOID_LOGIT_SCALE, logit_bias=SIGMOID_LOGIT_BIAS):
     return nt_xent(z1, z2, temperature)
 
 
-def _cosine_entry(z1: jax.Array, z2: jax.Array, *, temperature: float) -> jax.Array:
-    del temperature  # the cosine loss has none; the uniform signature keeps the trainer simple
+def _cosine_entry(z1, z2, *, temperature, logit_scale=SIGMOID_LOGIT_SCALE, logit_bias=SIGMOID_LOGIT_BIAS):
     return pairwise_cosine_loss(z1, z2)
 
 
-# Loss name (config.LOSSES) -> fn(z1, z2, *, temperature) -> float32 scalar.
-LOSSES: dict[str, Callable[..., jax.Array]] = {"ntxent": _ntxent_entry, "cosine": _cosine_entry}
+def _dcl_entry(z1, z2, *, temperature, logit_scale=SIGMOID_LOGIT_SCALE, logit_bias=SIGMOID_LOGIT_BIAS):
+    return decoupled_contrastive_loss(z1, z2, temperature)
+
+
+def _sigmoid_entry(z1, z2, *, temperature, logit_scale=SIGMOID_LOGIT_SCALE, logit_bias=SIGMOID_LOGIT_BIAS):
+    return sigmoid_loss(z1, z2, logit_scale, logit_bias)
+
+
+LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "ntxent": _ntxent_entry, "cosine": _cosine_entry, "dcl": _dcl_entry, "sigmoid": _sigmoid_entry}
+LEARNED_SCALARS = frozenset({"sigmoid"})  # losses whose (logit_scale, logit_bias) are trained parameters
 
 
 def batch_metrics(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
@@ -184,3 +267,38 @@ def batch_metrics(z1: jax.Array, z2: jax.Array) -> dict[str, jax.Array]:
         "uniformity": uniformity,
         "eff_rank": eff_rank,
     }
+
+
+COLLAPSE_STD = 0.2  # emb_std below COLLAPSE_STD / sqrt(D) signals collapse
+COLLAPSE_RANK = 2.0  # eff_rank below this: the batch spans about one direction
+COLLAPSE_COS = 0.99  # positives and negatives both this similar: every view looks alike
+
+
+def collapse_signal(record: dict, dim: int) -> str | None:
+    """Do one log record's health metrics (`batch_metrics`, as floats) say the projections collapsed?
+
+    Collapse: all images map to (nearly) one point or one direction, so the loss can no longer
+    tell them apart. Any of these signals it:
+      emb_std < 0.2 / sqrt(D)   spread-out unit vectors give about 1/sqrt(D) (SimSiam, sec. 4.1);
+      eff_rank < 2              the 2N views span about one direction;
+      pos_cos > 0.99 and neg_cos > 0.99   every view is as close to every other as to its positive.
+
+    Args:
+      record: a dict with at least emb_std, eff_rank, pos_cos, neg_cos and top1.
+      dim: D, the width of the projections the metrics were computed on.
+
+    Returns the failing signals with their figures as one line of text, or None when healthy.
+    """
+    std_floor = COLLAPSE_STD / math.sqrt(dim)
+    failed = []
+    if record["emb_std"] < std_floor:
+        failed.append(f"emb_std {record['emb_std']:.2g} < {std_floor:.2g} (0.2/sqrt({dim}); "
+                      f"spread-out embeddings give ~{1 / math.sqrt(dim):.2g})")
+    if record["eff_rank"] < COLLAPSE_RANK:
+        failed.append(f"eff_rank {record['eff_rank']:.2f} < {COLLAPSE_RANK:g}")
+    if record["pos_cos"] > COLLAPSE_COS and record["neg_cos"] > COLLAPSE_COS:
+        failed.append(f"positive and negative cosines both > {COLLAPSE_COS:g}")
+    if not failed:
+        return None
+    return "; ".join(failed) + (f" (pos_cos {record['pos_cos']:.3f}, neg_cos {record['neg_cos']:.3f}, "
+                                f"top1 {record['top1']:.2f})")

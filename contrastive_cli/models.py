@@ -142,13 +142,31 @@ class ProjectionHead(nnx.Module):
         return self.fc2(jax.nn.relu(self.bn(self.fc1(h), use_running_average=not train)))
 
 
-class SimCLRModel(nnx.Module):
-    """Encoder f and projection head g: x -> (h = f(x), z = g(h))."""
+class LogitScalars(nnx.Module):
+    """A loss's learned scalars (SigLIP's t' and b): logits are exp(logit_scale) * cosine + logit_bias.
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    0-d parameters: the optimizer's decay mask (ndim > 1) leaves them free of weight decay.
+    """
+
+    def __init__(self, logit_scale: float, logit_bias: float):
+        self.logit_scale = nnx.Param(jnp.asarray(logit_scale, jnp.float32))
+        self.logit_bias = nnx.Param(jnp.asarray(logit_bias, jnp.float32))
+
+
+class SimCLRModel(nnx.Module):
+    """Encoder f and projection head g: x -> (h = f(x), z = g(h)).
+
+    `logit_scalars` (scale, bias): also hold a loss's learned scalars (`self.logit_scalars`, used by
+    the train step, not by `__call__`). Only runs with such a loss have them, so the checkpoints of
+    the other runs keep their layout.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 logit_scalars: tuple[float, float] | None = None):
         self.encoder = ENCODERS[cfg.encoder](dtype=dtype, rngs=rngs)
         width = self.encoder.features
         self.head = ProjectionHead(width, cfg.proj_hidden or width, cfg.proj_dim, rngs=rngs)
+        self.logit_scalars = LogitScalars(*logit_scalars) if logit_scalars is not None else None
 
     def __call__(self, x, *, train: bool):
         h = self.encoder(x, train)  # [B, F] float32

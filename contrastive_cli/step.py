@@ -33,7 +33,10 @@ def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, sharding=None
     holder = {}
 
     def build():
-        model = SimCLRModel(cfg.model, dtype=compute_dtype(cfg), rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
+        learned = cfg.loss in losses.LEARNED_SCALARS
+        scalars = (losses.SIGMOID_LOGIT_SCALE, losses.SIGMOID_LOGIT_BIAS) if learned else None
+        model = SimCLRModel(cfg.model, dtype=compute_dtype(cfg), rngs=nnx.Rngs(params=jax.random.key(cfg.seed)),
+                            logit_scalars=scalars)
         holder["graphdef"], params, stats = nnx.split(model, nnx.Param, ...)
         return {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.int32(0), "total": jnp.int32(1)}
 
@@ -50,7 +53,8 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
     """The jitted step: (state, uint8 images [B, R, R, 3]) -> (state, outputs).
 
     Outputs: loss and lr of this step, the projections z1, z2 [B, D], and `finite`: the loss and
-    the new state are all finite (a state that is not is never saved).
+    the new state are all finite (a state that is not is never saved); with a loss that learns its
+    logit scale and bias (losses.LEARNED_SCALARS), also `logit_scale` and `logit_bias` as used.
     """
     loss_fn = losses.LOSSES[cfg.loss]
     size = cfg.model.image_size
@@ -68,9 +72,13 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
             _, z = model(x, train=True)
             z1, z2 = jnp.split(z.astype(jnp.float32), 2)  # [B, D] each
             new_stats = nnx.state(model, nnx.BatchStat)
-            return loss_fn(z1, z2, temperature=cfg.temperature), (new_stats, z1, z2)
+            scalars = {}
+            if model.logit_scalars is not None:  # learned: their gradients come from this loss
+                scalars = {"logit_scale": model.logit_scalars.logit_scale[...],
+                           "logit_bias": model.logit_scalars.logit_bias[...]}
+            return loss_fn(z1, z2, temperature=cfg.temperature, **scalars), (new_stats, z1, z2, scalars)
 
-        (loss, (stats, z1, z2)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        (loss, (stats, z1, z2, scalars)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         lr = lr_at(state["step"], state["total"], peak=peak, warmup_fraction=cfg.warmup_fraction)
         opt = state["opt"]
         opt = opt._replace(hyperparams={**opt.hyperparams, "learning_rate": lr})
@@ -81,7 +89,7 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
         for leaf in jax.tree.leaves((params, stats, opt)):
             if jnp.issubdtype(leaf.dtype, jnp.inexact):
                 finite &= jnp.all(jnp.isfinite(leaf))
-        return new, {"loss": loss, "lr": lr, "z1": z1, "z2": z2, "finite": finite}
+        return new, {"loss": loss, "lr": lr, "z1": z1, "z2": z2, "finite": finite, **scalars}
 
     repl, batch = replicated(mesh), batch_sharding(mesh)
     return jax.jit(step, in_shardings=(repl, batch), out_shardings=(repl, repl), donate_argnums=0)

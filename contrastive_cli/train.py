@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 import zlib
@@ -25,7 +26,9 @@ from .errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInte
 from .guards import Budget, FiniteCheck, SignalFlag
 from .mesh import agree, batch_sharding, check_batch, data_mesh, init_distributed, is_primary, replicated
 from .optim import learning_rate, lr_at, make_optimizer
+from .plot import plot_metrics
 from .prefetch import Prefetcher
+from .probe import KnnProbe
 from .rundir import default_run_dir, prepare_run_dir, truncate_metrics
 from .runtime import enable_compilation_cache
 from .step import compute_dtype, init_state, make_step, working_size
@@ -33,6 +36,9 @@ from .step import compute_dtype, init_state, make_step, working_size
 # Re-exported: the train module is where callers look for the step's pieces.
 __all__ = ["pretrain", "Monitor", "TrainingDiverged", "TrainingInterrupted", "learning_rate", "lr_at",
            "make_optimizer", "compute_dtype", "init_state", "make_step", "working_size"]
+
+
+COLLAPSE_PATIENCE = 3  # log records in a row that must signal collapse before the warning
 
 
 class Monitor:
@@ -78,6 +84,12 @@ def pretrain(
     each feeds its own devices' rows of every batch, and only process 0 writes metrics, config,
     summary and progress; checkpoints are written by all together.
 
+    Every log step appends the loss and the batch's health metrics (losses.batch_metrics) to
+    output/metrics.jsonl; when they signal collapse for COLLAPSE_PATIENCE log steps in a row the
+    monitor gets one warning. With cfg.eval_folder, a kNN probe (probe.KnnProbe) on that labeled
+    folder adds `knn` to the records of every cfg.eval_every-th and of the last step. At the end,
+    the metrics are drawn to output/metrics.png (a failure to draw is only a warning).
+
     Returns the summary written to output/summary.json. Raises ContrastiveError subclasses for
     anything a user can fix; TrainingInterrupted after saving when SIGINT/SIGTERM arrive;
     TrainingDiverged (nothing non-finite saved) when the loss or the state stops being finite.
@@ -107,6 +119,8 @@ def pretrain(
     load_s = time.perf_counter() - t0
     if multi:
         _check_same_images(data, folder)
+    # Decoded before the run directory is made, so a bad labeled folder fails before anything is written.
+    probe = KnnProbe(cfg.eval_folder, cfg, cache=cache, on_progress=monitor.loading) if cfg.eval_folder else None
     if not resume:
         prepare_run_dir(output, cfg, force=force)
     if data.skipped and primary:
@@ -155,6 +169,9 @@ def pretrain(
     log = open(output / "metrics.jsonl", "a") if primary else None
     loader = Prefetcher(data.images, cfg, start, sharding=batch_sharding(mesh))
     check = FiniteCheck(start)
+    dim = cfg.model.proj_dim
+    collapsed, collapse_warned = 0, False  # log records in a row that signal collapse; one warning per run
+    temperature_hint = ", a larger --temperature" if cfg.loss in ("ntxent", "dcl") else ""
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     compile_s = None
     loss = float("nan")
@@ -184,7 +201,9 @@ def pretrain(
                     if votes[0, 1] >= 0 and votes[0, 1] != total:
                         total = max(int(votes[0, 1]), step)
                         state["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
-                is_log = step % cfg.log_every == 0 or step == total or step == start + 1 or stop
+                is_eval = probe is not None and not stop and (
+                    step == total or bool(cfg.eval_every and step % cfg.eval_every == 0))
+                is_log = step % cfg.log_every == 0 or step == total or step == start + 1 or stop or is_eval
                 record = None
                 if is_log:
                     check.raise_if_diverged(mngr=mngr, output=output, cfg=cfg)
@@ -197,6 +216,18 @@ def pretrain(
                               "pairs_per_s": window_steps * cfg.batch_size / elapsed if step != start + 1 else None,
                               "data_wait": window_wait / elapsed,
                               **{k: float(v) for k, v in metrics_fn(out["z1"], out["z2"]).items()}}
+                    if "logit_scale" in out:  # the sigmoid loss's learned t = exp(t') and b
+                        record["sigmoid_t"] = math.exp(float(out["logit_scale"]))
+                        record["sigmoid_b"] = float(out["logit_bias"])
+                    if is_eval:  # before the next step: it donates (invalidates) this state
+                        record["knn"] = probe(graphdef, mesh, state["params"], state["stats"])
+                    signal_text = losses.collapse_signal(record, dim)
+                    collapsed = collapsed + 1 if signal_text else 0
+                    if collapsed >= COLLAPSE_PATIENCE and not collapse_warned:
+                        collapse_warned = True
+                        monitor.warn(f"the embeddings look collapsed (all images alike) for {COLLAPSE_PATIENCE} log "
+                                     f"steps up to step {step}: {signal_text}; try a lower --lr{temperature_hint}, "
+                                     "or check that the augmentations leave the images recognisable")
                     if log:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
@@ -228,5 +259,9 @@ def pretrain(
                    processes=jax.process_count())
     if primary:
         checkpoint.write_json_atomic(output / "summary.json", summary)
+        try:
+            plot_metrics(output)
+        except Exception as e:  # a picture is never worth a failed run
+            monitor.warn(f"could not plot {output / 'metrics.jsonl'}: {type(e).__name__}: {e}")
     monitor.end(summary)
     return summary

@@ -15,12 +15,17 @@ from contrastive_cli import config, losses
 
 ntxent = jax.jit(losses.nt_xent)
 cosine = jax.jit(losses.pairwise_cosine_loss)
+dcl = jax.jit(losses.decoupled_contrastive_loss)
+sigmoid = jax.jit(losses.sigmoid_loss)
 metrics = jax.jit(losses.batch_metrics)
 LOSS_FNS = {
     "ntxent": lambda z1, z2: ntxent(z1, z2, 0.5),
     "cosine": lambda z1, z2: cosine(z1, z2, 1.0),
+    "dcl": lambda z1, z2: dcl(z1, z2, 0.5),
+    "sigmoid": lambda z1, z2: sigmoid(z1, z2, math.log(5.0), -2.0),
 }
 SHAPES = [(1, 3), (4, 8), (6, 5)]  # N = 1: no negatives; (6, 5): more views than dims
+T_B = [(math.log(10.0), -10.0), (0.0, 0.0), (math.log(3.0), 1.5)]  # sigmoid (t', b): SigLIP's init, others
 
 
 def views(n, d, seed=0):
@@ -57,6 +62,42 @@ def cosine_reference(z1, z2, w):
     return np.mean(pos) + w * (np.mean(neg) if neg else 0.0)
 
 
+def dcl_reference(z1, z2, tau):
+    """Yeh et al. eq. 6 per anchor, literally, in float64: the positive is not in the denominator."""
+    n = len(z1)
+    z = [np.float64(r) for r in list(z1) + list(z2)]
+
+    def sim(a, b):
+        return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denom = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(2 * n) if k not in (i, j))
+        total += -math.log(math.exp(sim(z[i], z[j]) / tau) / denom)
+    return total / (2 * n)
+
+
+def sigmoid_reference(z1, z2, t_prime, b):
+    """SigLIP's pairwise sigmoid over every ordered pair of different views, summed, divided by 2N."""
+    n = len(z1)
+    z = [np.float64(r) for r in list(z1) + list(z2)]
+    t = math.exp(t_prime)
+    total = 0.0
+    for i in range(2 * n):
+        for j in range(2 * n):
+            if i == j:
+                continue
+            label = 1.0 if j == (i + n) % (2 * n) else -1.0
+            logit = t * (z[i] @ z[j]) / (np.linalg.norm(z[i]) * np.linalg.norm(z[j])) + b
+            total += -math.log(1.0 / (1.0 + math.exp(-label * logit)))
+    return total / (2 * n)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
 # --- literal references -------------------------------------------------------------------------
 
 
@@ -76,6 +117,21 @@ def test_cosine_matches_loop_reference(n, d):
         np.testing.assert_allclose(cosine(z1, z2, w), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,d", SHAPES[1:])  # DCL needs N >= 2
+def test_dcl_matches_eq6_reference(n, d):
+    z1, z2 = views(n, d, seed=n)
+    for tau in (0.1, 0.5, 1.0):
+        np.testing.assert_allclose(dcl(z1, z2, tau), dcl_reference(z1, z2, tau), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_sigmoid_matches_pairwise_reference(n, d):
+    z1, z2 = views(n, d, seed=n)
+    for t_prime, b in T_B:
+        np.testing.assert_allclose(sigmoid(z1, z2, t_prime, b), sigmoid_reference(z1, z2, t_prime, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
 # --- closed forms -------------------------------------------------------------------------------
 
 
@@ -90,6 +146,15 @@ def test_all_parallel(n, d):
         np.testing.assert_allclose(ntxent(z1, z2, tau), math.log(2 * n - 1), atol=1e-5)
     # Positives perfect (0), negatives all |1|: the loss is the negative weight (0 when N = 1).
     np.testing.assert_allclose(cosine(z1, z2, 0.7), 0.7 if n > 1 else 0.0, atol=1e-6)
+    # DCL: the positive's 1/tau cancels one of the 2N - 2 equal negatives' terms.
+    if n > 1:
+        for tau in (0.1, 0.5):
+            np.testing.assert_allclose(dcl(z1, z2, tau), math.log(2 * n - 2), atol=1e-5)
+    # Sigmoid: every logit is x = t + b; one positive and 2N - 2 negatives per anchor.
+    for t_prime, b in T_B:
+        x = math.exp(t_prime) + b
+        want = softplus(-x) + (2 * n - 2) * softplus(x)
+        np.testing.assert_allclose(sigmoid(z1, z2, t_prime, b), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n,d", [(1, 3), (4, 8)])
@@ -100,6 +165,35 @@ def test_orthonormal_pairs(n, d):
         want = math.log1p((2 * n - 2) * math.exp(-1 / tau))
         np.testing.assert_allclose(ntxent(z, z, tau), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cosine(z, z, 1.0), 0.0, atol=1e-7)
+    for t_prime, b in T_B:  # positives logit t + b, negatives (cosine 0) logit b
+        want = softplus(-(math.exp(t_prime) + b)) + (2 * n - 2) * softplus(b)
+        np.testing.assert_allclose(sigmoid(z, z, t_prime, b), want, rtol=1e-5, atol=1e-6)
+    if n > 1:  # DCL: -1/tau + log of 2N - 2 terms exp(0)
+        for tau in (0.1, 0.5, 1.0):
+            np.testing.assert_allclose(dcl(z, z, tau), math.log(2 * n - 2) - 1 / tau, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_at_siglip_init_starts_near_its_balanced_point():
+    # SigLIP's init t = 10, b = -10: a pair at cosine 1 has logit 0 (loss log 2 either way), and
+    # orthogonal negatives already cost little (softplus(-10) each), so the loss is about log 2.
+    z = np.eye(16, dtype=np.float32)[:8]
+    np.testing.assert_allclose(sigmoid(z, z, math.log(10.0), -10.0), math.log(2) + 14 * softplus(-10),
+                               rtol=1e-5)
+    np.testing.assert_allclose(losses.sigmoid_loss(z, z), sigmoid(z, z, math.log(10.0), -10.0), rtol=1e-6)
+
+
+def test_dcl_needs_two_pairs():
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        losses.decoupled_contrastive_loss(jnp.ones((1, 4)), jnp.ones((1, 4)))
+
+
+def test_sigmoid_scale_and_bias_get_gradients():
+    # They are trained parameters: the loss must depend on both, with finite gradients.
+    z1, z2 = views(4, 8)
+    g_scale, g_bias = jax.jit(jax.grad(losses.sigmoid_loss, argnums=(2, 3)))(z1, z2, math.log(10.0), -10.0)
+    assert np.isfinite(g_scale) and np.isfinite(g_bias) and g_scale != 0 and g_bias != 0
+    # At b = -10 nearly all pairs are predicted negative: the 2N positives pull b up (gradient < 0).
+    assert g_bias < 0
 
 
 # --- invariants ---------------------------------------------------------------------------------
@@ -131,6 +225,7 @@ def test_gradients_finite_at_degenerate_inputs(name):
         assert np.isfinite(LOSS_FNS[name](a, b))
     # A zero row is cosine 0 with everything: NT-Xent of an all-zero batch is log(2N - 1).
     np.testing.assert_allclose(ntxent(zeros, zeros, 0.5), math.log(7), atol=1e-6)
+    np.testing.assert_allclose(dcl(zeros, zeros, 0.5), math.log(6), atol=1e-6)
 
 
 def test_bf16_inputs_give_float32():
@@ -171,11 +266,16 @@ def test_ntxent_agrees_with_optax():
 
 def test_losses_table_matches_config_and_has_uniform_signature():
     assert set(losses.LOSSES) == set(config.LOSSES)
+    assert losses.LEARNED_SCALARS <= set(losses.LOSSES)
     z1, z2 = views(4, 8)
+    want = {"ntxent": ntxent(z1, z2, 0.3), "cosine": cosine(z1, z2, 1.0), "dcl": dcl(z1, z2, 0.3),
+            "sigmoid": sigmoid(z1, z2, 0.5, -1.0)}
     for name, fn in losses.LOSSES.items():
-        out = jax.jit(fn)(z1, z2, temperature=0.3)
-        want = ntxent(z1, z2, 0.3) if name == "ntxent" else cosine(z1, z2, 1.0)
-        np.testing.assert_allclose(out, want, rtol=1e-6)
+        out = jax.jit(fn)(z1, z2, temperature=0.3, logit_scale=jnp.float32(0.5), logit_bias=jnp.float32(-1.0))
+        np.testing.assert_allclose(out, want[name], rtol=1e-6, err_msg=name)
+    # Without the scalars, the sigmoid loss uses SigLIP's initial values.
+    np.testing.assert_allclose(losses.LOSSES["sigmoid"](z1, z2, temperature=0.3),
+                               sigmoid(z1, z2, math.log(10.0), -10.0), rtol=1e-6)
 
 
 def test_mismatched_views_are_rejected():
@@ -242,3 +342,32 @@ def test_metrics_match_numpy_on_random_views():
         np.testing.assert_allclose(m[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(m["cos_gap"], m["pos_cos"] - m["neg_cos"], rtol=1e-6)
     np.testing.assert_allclose(m["alignment"], 2 - 2 * m["pos_cos"], rtol=1e-5)
+
+
+# --- collapse ------------------------------------------------------------------------------------
+
+
+def test_collapse_signal_on_constructed_batches():
+    rng = np.random.default_rng(5)
+    d = 64
+    healthy = {k: float(v) for k, v in metrics(*views(16, d, seed=5)).items()}
+    assert losses.collapse_signal(healthy, d) is None
+    # Every image the same point: all three signals fire, with the figures.
+    point = rng.normal(size=(1, d)).astype(np.float32)
+    same = np.repeat(point, 16, axis=0)
+    text = losses.collapse_signal({k: float(v) for k, v in metrics(same, 2 * same).items()}, d)
+    assert text is not None and "emb_std" in text and "eff_rank 1." in text and "both > 0.99" in text
+    assert "0.2/sqrt(64)" in text and "pos_cos 1.000, neg_cos 1.000, top1" in text
+    # Nearly the same point: tiny isotropic noise keeps the (scale-free) effective rank high, but
+    # emb_std and the cosines still see the collapse.
+    z1, z2 = (point + 1e-4 * rng.normal(size=(16, d)).astype(np.float32) for _ in range(2))
+    text = losses.collapse_signal({k: float(v) for k, v in metrics(z1, z2).items()}, d)
+    assert text is not None and "emb_std" in text and "both > 0.99" in text and "eff_rank" not in text
+    # Dimensional collapse: spread along one line through the origin only (cosines +-1, rank ~1).
+    line = rng.choice([-1.0, 1.0], size=(16, 1)).astype(np.float32) * point
+    text = losses.collapse_signal({k: float(v) for k, v in metrics(line, line).items()}, d)
+    assert text is not None and "eff_rank" in text and "both" not in text
+    # The emb_std floor scales with 1/sqrt(D).
+    record = dict(healthy, emb_std=0.03)
+    assert "emb_std 0.03 < 0.05" in losses.collapse_signal(record, 16)  # floor 0.2/sqrt(16)
+    assert losses.collapse_signal(record, 400) is None  # floor 0.01

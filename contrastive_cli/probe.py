@@ -1,0 +1,97 @@
+"""kNN probe during pretraining: a labeled folder decoded once, embedded with the live parameters.
+
+The protocol of `contrastive evaluate` (encoder features h, L2-normalised; a seeded per-class split;
+`evaluate.knn_accuracy`), but on the train state in memory: no checkpoint is read, the folder is
+decoded once at the model's image size, and the forward pass is compiled once for the run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import augment
+from .cache import load_cached
+from .config import TrainConfig
+from .data import load_folder
+from .errors import InputError
+from .evaluate import KNN_K, knn_accuracy, stratified_split
+from .mesh import batch_sharding, global_batch, local_rows, replicated
+
+TEST_FRACTION = 0.2  # as `contrastive evaluate`'s default
+CHUNK = 256  # images per forward pass (rounded up to a multiple of the device count)
+
+
+def class_labels(paths: list[str], folder: Path) -> tuple[np.ndarray, list[str]]:
+    """Class index of each relative path (its first folder) and the sorted class names."""
+    loose = [p for p in paths if "/" not in p]
+    if loose:
+        raise InputError(f"{folder} is not a labeled folder: {len(loose)} image(s) such as {loose[0]!r} "
+                         "are not inside a class subfolder")
+    names = sorted({p.split("/", 1)[0] for p in paths})
+    if len(names) < 2:
+        raise InputError(f"{folder} has {len(names)} class subfolder; a kNN probe needs at least 2 classes")
+    lookup = {c: i for i, c in enumerate(names)}
+    return np.asarray([lookup[p.split("/", 1)[0]] for p in paths]), names
+
+
+class KnnProbe:
+    """kNN accuracy of the current encoder on a labeled folder (class = first-level subfolder).
+
+    Build it before training (decoding and label errors surface before anything is written), then
+    call it with the train state's params and stats: `probe(graphdef, mesh, params, stats) -> float`.
+    Every process must call it together (the forward pass is one sharded program).
+    """
+
+    def __init__(self, folder: Path, cfg: TrainConfig, *, cache: bool = True, on_progress=None):
+        self.folder, self.cfg = Path(folder), cfg
+        size = cfg.model.image_size  # as `embed`: shorter side resized to the view size, centre crop
+        if cache:
+            data = load_cached(self.folder, size, on_progress=on_progress)[0]
+        else:
+            data = load_folder(self.folder, size, on_progress=on_progress)
+        self.labels, self.classes = class_labels(data.paths, self.folder)
+        self.train, self.test = stratified_split(self.labels, TEST_FRACTION, seed=cfg.seed)
+        self.images = np.asarray(data.images)  # uint8 [N, S, S, 3]
+        self.skipped = data.skipped
+        self._forward = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _compile(self, graphdef: nnx.GraphDef, mesh):
+        acfg = self.cfg.augment
+
+        def forward(params, stats, images):
+            model = nnx.merge(graphdef, params, stats)
+            h, _ = model(augment.normalize(images, acfg), train=False)
+            return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)  # [B, F] unit rows
+
+        repl = replicated(mesh)
+        # Output replicated: every process gets all rows (process 0 scores them).
+        return jax.jit(forward, in_shardings=(repl, repl, batch_sharding(mesh)), out_shardings=repl)
+
+    def embed(self, graphdef: nnx.GraphDef, mesh, params, stats) -> np.ndarray:
+        """float32 [N, F] unit embeddings of the folder's images, row i <-> label i."""
+        if self._forward is None:
+            self._forward = self._compile(graphdef, mesh)
+        n_dev = mesh.devices.size
+        b = -(-min(CHUNK, len(self)) // n_dev) * n_dev
+        sharding = batch_sharding(mesh)
+        rows = local_rows(sharding, b)
+        out = []
+        for i in range(0, len(self), b):
+            chunk = self.images[i:i + b]
+            n = len(chunk)
+            if n < b:  # pad to the compiled shape: one compile whatever the folder size
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(self._forward(params, stats, global_batch(chunk[rows], sharding, b)))[:n])
+        return np.concatenate(out)
+
+    def __call__(self, graphdef: nnx.GraphDef, mesh, params, stats) -> float:
+        emb = self.embed(graphdef, mesh, params, stats)
+        tr, te = self.train, self.test
+        return knn_accuracy(emb[tr], self.labels[tr], emb[te], self.labels[te], k=KNN_K)

@@ -1,0 +1,131 @@
+"""fastconv.conv2d equals lax.conv_general_dilated in value and in both gradients, under jax.jit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from contrastive_cli import fastconv
+
+# (N, H, W, C, O, k, stride, padding): stem, downsampling, 1x1 shortcuts, odd sizes, batch 1 and 5.
+SHAPES = [
+    (5, 8, 8, 3, 8, 3, 1, 1),
+    (1, 9, 7, 8, 16, 3, 1, 1),
+    (5, 8, 8, 8, 16, 3, 2, 1),
+    (1, 9, 11, 16, 8, 3, 2, 1),
+    (5, 8, 8, 16, 16, 1, 1, 0),
+    (5, 9, 7, 8, 16, 1, 2, 0),
+    (1, 6, 6, 16, 3, 1, 2, 0),
+    (5, 7, 9, 3, 8, 5, 2, 2),
+]
+
+
+def reference(x, kernel, stride, padding):
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def operands(shape, dtype=jnp.float32):
+    # NumPy data: eager jax.random would compile a sampler per shape and dominate the run time.
+    n, h, w, c, o, k, stride, padding = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c, o)) / np.sqrt(k * k * c), dtype)
+    return x, kernel, stride, padding
+
+
+def normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def close(actual, expected, rtol):
+    """Elementwise within rtol of the largest |expected| (sums of many terms: relative to scale)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_{}x{}_c{}_o{}_k{}_s{}_p{}".format(*s))
+def test_value_and_gradients_match_lax(shape):
+    x, kernel, stride, padding = operands(shape)
+    weights = normal(jax.eval_shape(lambda x, k: reference(x, k, stride, padding), x, kernel).shape, 7)
+
+    def fast(x, kernel):
+        return fastconv.conv2d(x, kernel, stride=stride, padding=padding)
+
+    def value_and_grads(conv, x, kernel, weights):
+        y = conv(x, kernel)
+        return y, jax.grad(lambda x, kernel: jnp.sum(weights * conv(x, kernel)), argnums=(0, 1))(x, kernel)
+
+    @jax.jit  # one program per shape: compiles dominate this file's run time
+    def both(x, kernel, weights):
+        expected = value_and_grads(lambda x, k: reference(x, k, stride, padding), x, kernel, weights)
+        return value_and_grads(fast, x, kernel, weights), expected
+
+    got, expected = both(x, kernel, weights)
+    (y, (dx, dk)), (y_ref, (dx_ref, dk_ref)) = got, expected
+    close(y, y_ref, 1e-4)
+    close(dx, dx_ref, 1e-4)
+    close(dk, dk_ref, 1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES[2:4])
+def test_vjp_matches_lax(shape):
+    x, kernel, stride, padding = operands(shape)
+
+    @jax.jit
+    def vjps(x, kernel, dy):
+        fast = jax.vjp(lambda x, k: fastconv.conv2d(x, k, stride=stride, padding=padding), x, kernel)[1](dy)
+        ref = jax.vjp(lambda x, k: reference(x, k, stride, padding), x, kernel)[1](dy)
+        return fast, ref
+
+    dy = normal(jax.eval_shape(lambda x, k: reference(x, k, stride, padding), x, kernel).shape, 3)
+    fast, ref = vjps(x, kernel, dy)
+    close(fast[0], ref[0], 1e-4)
+    close(fast[1], ref[1], 1e-4)
+
+
+def test_weight_grad_chunks_and_remainder(monkeypatch):
+    """Several scan chunks plus a remainder chunk sum to the one-matmul weight gradient."""
+    x, kernel, stride, padding = operands((7, 8, 8, 8, 16, 3, 2, 1))
+    dy = normal(jax.eval_shape(lambda x, k: reference(x, k, stride, padding), x, kernel).shape, 4)
+    monkeypatch.setattr(fastconv, "_CHUNK_BYTES", 2 * 4 * 4 * 9 * 8 * 4)  # 2 images: 3 chunks + 1
+
+    @jax.jit
+    def both(x, kernel, dy):
+        expected = jax.vjp(lambda k: reference(x, k, stride, padding), kernel)[1](dy)[0]
+        return fastconv.weight_grad(x, dy, kernel.shape, stride=stride, padding=padding), expected
+
+    close(*both(x, kernel, dy), 1e-4)
+
+
+def test_bfloat16_accumulates_in_float32():
+    x, kernel, stride, padding = operands((5, 8, 8, 16, 16, 3, 1, 1), jnp.bfloat16)
+
+    @jax.jit
+    def run(x, kernel):
+        y, vjp = jax.vjp(lambda x, k: fastconv.conv2d(x, k, stride=stride, padding=padding), x, kernel)
+        dx, dk = vjp(jnp.ones_like(y))
+        # float32 maths on the same bfloat16 values: only the final rounding to bfloat16 differs.
+        x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+        dk_ref = jax.vjp(lambda k: reference(x32, k, stride, padding), k32)[1](jnp.ones(y.shape))[0]
+        return y, dx, dk, dk_ref
+
+    y, dx, dk, dk_ref = run(x, kernel)
+    assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16,) * 3
+    close(dk.astype(jnp.float32), dk_ref, 1e-2)
+
+
+def test_enabled_follows_backend_and_env(monkeypatch):
+    monkeypatch.delenv("CONTRASTIVE_FAST_CONV", raising=False)
+    assert fastconv.enabled() == (jax.default_backend() == "cpu")
+    monkeypatch.setenv("CONTRASTIVE_FAST_CONV", "0")
+    assert not fastconv.enabled()
+
+
+@pytest.mark.parametrize("bad", [dict(stride=0), dict(padding=-1), dict(stride=1.5)])
+def test_rejects_bad_stride_or_padding_with_values(bad):
+    x, kernel, _, _ = operands(SHAPES[0])
+    with pytest.raises(ValueError, match=str(next(iter(bad.values())))):
+        fastconv.conv2d(x, kernel, **bad)
