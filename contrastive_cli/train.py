@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, losses
+from . import checkpoint, health
 from .cache import load_cached
 from .config import TrainConfig
 from .data import ImageSet, load_folder
@@ -84,7 +84,7 @@ def pretrain(
     each feeds its own devices' rows of every batch, and only process 0 writes metrics, config,
     summary and progress; checkpoints are written by all together.
 
-    Every log step appends the loss and the batch's health metrics (losses.batch_metrics) to
+    Every log step appends the loss and the batch's health metrics (health.batch_metrics) to
     output/metrics.jsonl; when they signal collapse for COLLAPSE_PATIENCE log steps in a row the
     monitor gets one warning. With cfg.eval_folder, a kNN probe (probe.KnnProbe) on that labeled
     folder adds `knn` to the records of every cfg.eval_every-th and of the last step. At the end,
@@ -161,7 +161,7 @@ def pretrain(
     budget = Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not (resume and start) else None
 
     step_fn = make_step(cfg, graphdef, tx, mesh)
-    metrics_fn = jax.jit(losses.batch_metrics)
+    metrics_fn = jax.jit(health.batch_metrics)
     monitor.start(dict(output=str(output), images=len(data), skipped=len(data.skipped), steps=total,
                        start=start, batch_size=cfg.batch_size, devices=mesh.devices.size,
                        backend=jax.default_backend(), load_s=load_s))
@@ -221,7 +221,7 @@ def pretrain(
                         record["sigmoid_b"] = float(out["logit_bias"])
                     if is_eval:  # before the next step: it donates (invalidates) this state
                         record["knn"] = probe(graphdef, mesh, state["params"], state["stats"])
-                    signal_text = losses.collapse_signal(record, dim)
+                    signal_text = health.collapse_signal(record, dim)
                     collapsed = collapsed + 1 if signal_text else 0
                     if collapsed >= COLLAPSE_PATIENCE and not collapse_warned:
                         collapse_warned = True

@@ -11,13 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from contrastive_cli import config, losses
+from contrastive_cli import config, health, losses
 
 ntxent = jax.jit(losses.nt_xent)
 cosine = jax.jit(losses.pairwise_cosine_loss)
 dcl = jax.jit(losses.decoupled_contrastive_loss)
 sigmoid = jax.jit(losses.sigmoid_loss)
-metrics = jax.jit(losses.batch_metrics)
+metrics = jax.jit(health.batch_metrics)
 LOSS_FNS = {
     "ntxent": lambda z1, z2: ntxent(z1, z2, 0.5),
     "cosine": lambda z1, z2: cosine(z1, z2, 1.0),
@@ -351,23 +351,23 @@ def test_collapse_signal_on_constructed_batches():
     rng = np.random.default_rng(5)
     d = 64
     healthy = {k: float(v) for k, v in metrics(*views(16, d, seed=5)).items()}
-    assert losses.collapse_signal(healthy, d) is None
+    assert health.collapse_signal(healthy, d) is None
     # Every image the same point: all three signals fire, with the figures.
     point = rng.normal(size=(1, d)).astype(np.float32)
     same = np.repeat(point, 16, axis=0)
-    text = losses.collapse_signal({k: float(v) for k, v in metrics(same, 2 * same).items()}, d)
+    text = health.collapse_signal({k: float(v) for k, v in metrics(same, 2 * same).items()}, d)
     assert text is not None and "emb_std" in text and "eff_rank 1." in text and "both > 0.99" in text
     assert "0.2/sqrt(64)" in text and "pos_cos 1.000, neg_cos 1.000, top1" in text
     # Nearly the same point: tiny isotropic noise keeps the (scale-free) effective rank high, but
     # emb_std and the cosines still see the collapse.
     z1, z2 = (point + 1e-4 * rng.normal(size=(16, d)).astype(np.float32) for _ in range(2))
-    text = losses.collapse_signal({k: float(v) for k, v in metrics(z1, z2).items()}, d)
+    text = health.collapse_signal({k: float(v) for k, v in metrics(z1, z2).items()}, d)
     assert text is not None and "emb_std" in text and "both > 0.99" in text and "eff_rank" not in text
     # Dimensional collapse: spread along one line through the origin only (cosines +-1, rank ~1).
     line = rng.choice([-1.0, 1.0], size=(16, 1)).astype(np.float32) * point
-    text = losses.collapse_signal({k: float(v) for k, v in metrics(line, line).items()}, d)
+    text = health.collapse_signal({k: float(v) for k, v in metrics(line, line).items()}, d)
     assert text is not None and "eff_rank" in text and "both" not in text
     # The emb_std floor scales with 1/sqrt(D).
     record = dict(healthy, emb_std=0.03)
-    assert "emb_std 0.03 < 0.05" in losses.collapse_signal(record, 16)  # floor 0.2/sqrt(16)
-    assert losses.collapse_signal(record, 400) is None  # floor 0.01
+    assert "emb_std 0.03 < 0.05" in health.collapse_signal(record, 16)  # floor 0.2/sqrt(16)
+    assert health.collapse_signal(record, 400) is None  # floor 0.01
