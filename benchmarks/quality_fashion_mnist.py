@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encoder", default="small")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--no-baselines", action="store_true", help="skip raw pixels and random init")
     p.add_argument("--work", type=Path, default=Path(".bench/fashion-mnist"))
     a = p.parse_args()
     if not SRC.exists():
@@ -76,9 +77,10 @@ def main() -> None:
 
     base = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.image_size), batch_size=a.batch_size,
                        time_budget=0 if a.steps else a.minutes, steps=a.steps, log_every=50)
-    rnd = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=random_encoder(base))
-    report(model="random init", **{k: rnd[k] for k in ("knn", "linear", "n_train", "n_test")})
-    report(model="raw pixels", knn=rnd["raw_knn"], linear=rnd["raw_linear"])
+    if not a.no_baselines:
+        rnd = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=random_encoder(base))
+        report(model="random init", **{k: rnd[k] for k in ("knn", "linear", "n_train", "n_test")})
+        report(model="raw pixels", knn=rnd["raw_knn"], linear=rnd["raw_linear"])
     for loss in a.losses:
         cfg = TrainConfig(**{**base.__dict__, "loss": loss})
         run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}"
