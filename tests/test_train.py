@@ -94,8 +94,10 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run(full_run, folder, tmp
     # Bit-exact: same learning rates (the schedule's total is in the state), same data order and
     # augmentation (functions of the step), same parameters and optimizer state from the checkpoint.
     for got, want in zip(resumed, full_run):
-        assert (got["step"], got["loss"], got["lr"], got["pos_cos"]) == (want["step"], want["loss"], want["lr"],
-                                                                          want["pos_cos"])
+        assert (got["step"], got["loss"], got["lr"]) == (want["step"], want["loss"], want["lr"])
+        # The health metrics come from a separate small jit whose compiled form (fresh or from the
+        # persistent cache, in another process) may reduce in another order: last-bit differences.
+        assert got["pos_cos"] == pytest.approx(want["pos_cos"], abs=1e-6)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"] == stopped and summary["steps"] == STEPS
 
