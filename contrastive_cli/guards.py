@@ -83,14 +83,18 @@ class SignalFlag:
 class Budget:
     """Turns a wall-clock budget into a step count, from throughput measured after compilation.
 
-    The first estimate comes from steps 2-4 (step 1 includes the compile), a refined one from the
-    steps up to a fifth of the budget; the learning-rate schedule follows the total it sets.
+    The first estimate comes from steps 2-4 (step 1 includes the compile); it is refined at every
+    fifth of the budget from the speed since the previous estimate, so a machine that gets busier
+    or quieter mid-run still ends on time. The learning-rate schedule follows the total it sets
+    (a late change moves the cosine's end, not its start).
     """
+
+    CHECKPOINTS = 5  # re-estimates at 1/5, 2/5, ... of the budget
 
     def __init__(self, seconds: float, t0: float):
         self.seconds, self.t0 = seconds, t0
-        self.mark = None  # (step, time) after the compiled first step
-        self.refined = False
+        self.mark = None  # (step, time) of the last estimate (first: after the compiled first step)
+        self.next_check = 1  # the next fifth of the budget at which to re-estimate
 
     def update(self, step: int, start: int, out) -> int | None:
         """Called after each step: a new total step count, or None to keep the current one."""
@@ -98,7 +102,8 @@ class Budget:
         if elapsed > self.seconds:
             return step  # over budget (a slow save, a busy machine): stop here
         first = done == 1
-        estimate = done == 4 or (not self.refined and done > 4 and elapsed > self.seconds / 5)
+        estimate = done == 4 or (done > 4 and self.next_check < self.CHECKPOINTS
+                                 and elapsed > self.seconds * self.next_check / self.CHECKPOINTS)
         if not (first or estimate):
             return None
         jax.block_until_ready(out["loss"])
@@ -106,8 +111,10 @@ class Budget:
         if first:
             self.mark = (step, now)
             return None
-        self.refined = done > 4
-        per_step = (now - self.mark[1]) / (step - self.mark[0])
+        if done > 4:
+            self.next_check += 1
+        per_step = (now - self.mark[1]) / max(1, step - self.mark[0])
+        self.mark = (step, now)
         left = self.seconds - (now - self.t0) - 2 * per_step - 1.0  # keep time for the final save
         return step + max(0, int(left / per_step))
 

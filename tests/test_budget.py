@@ -1,0 +1,69 @@
+"""--time-budget: the step count follows the measured speed, and follows it when the speed changes."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from contrastive_cli import guards
+from contrastive_cli.config import ModelConfig, TrainConfig
+from contrastive_cli.train import pretrain
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def drive(budget, clock, step_seconds):
+    """Run steps until the budget's total is reached; step i takes step_seconds(i)."""
+    total, step = 10**6, 0
+    while step < total:
+        clock.now += step_seconds(step)
+        step += 1
+        new = budget.update(step, 0, {"loss": np.float32(0)})
+        if new is not None:
+            total = new
+    return step
+
+
+def test_budget_ends_on_time_at_a_steady_speed(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(guards.time, "perf_counter", clock)
+    budget = guards.Budget(100.0, t0=0.0)
+    steps = drive(budget, clock, lambda i: 10.0 if i == 0 else 1.0)  # a 10 s compile, then 1 s steps
+    assert 85 <= steps <= 90 and clock.now <= 100.0
+
+
+def test_budget_follows_a_machine_that_gets_faster(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(guards.time, "perf_counter", clock)
+    budget = guards.Budget(100.0, t0=0.0)
+    # Slow (2 s/step) for the first 30 s, then 0.5 s/step: re-estimates use the recent speed.
+    steps = drive(budget, clock, lambda i: 2.0 if clock.now < 30 else 0.5)
+    assert clock.now > 90.0, "stopped far too early"
+    assert clock.now <= 100.0 and steps > 100
+
+
+def test_budget_stops_a_run_that_overruns(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(guards.time, "perf_counter", clock)
+    budget = guards.Budget(20.0, t0=0.0)
+    steps = drive(budget, clock, lambda i: 0.1 if i < 10 else 5.0)  # the machine gets much busier
+    assert clock.now <= 25.0 and steps < 20
+
+
+def test_time_budget_run_ends_near_its_budget(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = TrainConfig(model=ModelConfig(image_size=16), batch_size=8, time_budget=0.3, log_every=1)
+    summary = pretrain(folder, cfg, tmp_path / "run", cache=False)
+    assert summary["wall_s"] <= 0.3 * 60 + 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == records[-1]["step"] >= 4
+    assert records[-1]["lr"] < 0.2 * max(r["lr"] for r in records)  # the schedule reached its end
