@@ -120,6 +120,12 @@ def pretrain(
     coordinator: Annotated[Optional[str], typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
     num_processes: Annotated[Optional[int], typer.Option(callback=_range(1, None), help="Multi-process training: how many processes (with --coordinator).")] = None,
     process_id: Annotated[Optional[int], typer.Option(callback=_range(0, None), help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
+    crop_min_scale: Annotated[float, typer.Option("--crop-min-scale", callback=_range(0.01, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Smallest crop, as a fraction of the image area.")] = AugmentConfig.crop_scale[0],
+    flip_p: Annotated[float, typer.Option("--flip-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of a horizontal flip.")] = AugmentConfig.flip_p,
+    jitter_p: Annotated[float, typer.Option("--jitter-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of colour jitter.")] = AugmentConfig.jitter_p,
+    jitter_strength: Annotated[float, typer.Option("--jitter-strength", callback=_range(0.0, 1.25), rich_help_panel="Augmentation (SimCLR defaults)", help="SimCLR's colour strength s: brightness, contrast, saturation 0.8s, hue 0.2s.")] = 1.0,
+    gray_p: Annotated[float, typer.Option("--gray-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of grayscale.")] = AugmentConfig.gray_p,
+    blur_p: Annotated[float, typer.Option("--blur-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of Gaussian blur (sigma 0.1-2, kernel ~10% of the side).")] = AugmentConfig.blur_p,
 ) -> None:
     """Train an encoder on augmented view pairs of the images in FOLDER; write a run directory."""
     _folder(folder, "FOLDER")
@@ -133,7 +139,10 @@ def pretrain(
 
     def build():
         return TrainConfig(
-            model=ModelConfig(encoder=encoder.value, image_size=image_size), augment=AugmentConfig(),
+            model=ModelConfig(encoder=encoder.value, image_size=image_size), augment=AugmentConfig(
+                crop_scale=(crop_min_scale, 1.0), flip_p=flip_p, jitter_p=jitter_p,
+                brightness=0.8 * jitter_strength, contrast=0.8 * jitter_strength,
+                saturation=0.8 * jitter_strength, hue=0.2 * jitter_strength, gray_p=gray_p, blur_p=blur_p),
             batch_size=batch_size, steps=steps, epochs=epochs, time_budget=time_budget, loss=loss.value, temperature=temperature,
             optimizer=optimizer.value, lr=lr, weight_decay=weight_decay, seed=seed,
             precision=precision.value, log_every=log_every, checkpoint_every=checkpoint_every,

@@ -131,3 +131,17 @@ def test_help_does_not_import_jax():
     out = subprocess.run([sys.executable, "-m", "contrastive_cli.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout
     assert time.perf_counter() - t < 5
+
+
+def test_augmentation_knobs_reach_the_saved_config(trained, tmp_path):
+    _, images, _, _ = trained
+    run = tmp_path / "aug"
+    result = runner.invoke(app, ["pretrain", str(images), "-o", str(run), "--steps", "1", "-b", "8",
+                                 "--image-size", "16", "--quiet", "--crop-min-scale", "0.2", "--blur-p", "0",
+                                 "--jitter-strength", "0.5", "--gray-p", "0.1"])
+    assert result.exit_code == 0, result.output
+    aug = json.loads((run / "config.json").read_text())["augment"]
+    assert aug["crop_scale"] == [0.2, 1.0] and aug["blur_p"] == 0 and aug["gray_p"] == 0.1
+    assert aug["brightness"] == pytest.approx(0.4) and aug["hue"] == pytest.approx(0.1)
+    bad = runner.invoke(app, ["pretrain", str(images), "--blur-p", "1.5"])
+    assert bad.exit_code == 2 and "1.5" in bad.stderr
