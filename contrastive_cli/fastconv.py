@@ -1,9 +1,13 @@
-"""2-D convolution whose weight gradient is fast on XLA:CPU.
+"""2-D convolution with fast gradients on XLA:CPU.
 
-XLA:CPU computes a convolution's weight gradient (the "backward filter" conv) at 2-16 GFLOP/s on a
-2-vCPU machine, against 25-40 for oneDNN in PyTorch, while its forward and input-gradient convs run
-at 20-50. `conv2d` keeps XLA's forward and input gradient and replaces the weight gradient with
-im2col + one matmul per chunk of images (`benchmarks/conv_speed.py` measures each part).
+jaxlib 0.10.2 hands CPU convolutions to YNNPACK, which computes the weight gradient (the "backward
+filter" conv) at 2-50 GFLOP/s on 2 vCPUs, while a 4096^2 matmul runs at ~100. `conv2d` computes
+the weight gradient as im2col + matmul instead (25-115 GFLOP/s), and for strided kernels (the
+downsampling convs) also the input gradient (matmul + col2im) and, under YNNPACK, the forward
+(im2col). Every im2col works on a chunk of a few images, so its patches stay in cache until the
+matmul reads them. With XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+XLA runs convolutions on Eigen, which is fast for most parts; `_plan` then keeps only the parts
+that still win. `benchmarks/conv_speed.py` measures each part against XLA's own.
 
 Models call `conv2d` only when `enabled()`: GPU and TPU keep XLA's native convolution, and
 `CONTRASTIVE_FAST_CONV=0` switches it off on CPU (for A/B timing).
@@ -18,9 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# Patches of one chunk of images (im2col rows) stay in cache between being written and being read
-# by the matmul; one ~8 MiB chunk at a time measured 1.5-3x faster than one whole-batch matrix.
-_CHUNK_BYTES = 8 * 2**20
+# Patch bytes of one chunk of images: 2-8 MiB measured 1.5-3x faster than a whole-batch matrix.
+_CHUNK_BYTES = 4 * 2**20
 
 
 def enabled() -> bool:
@@ -40,8 +43,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 1
     Returns:
       [N, Ho, Wo, O] in `x.dtype`, Ho = (H + 2 * padding - kh) // stride + 1 (likewise Wo). Equal to
       `lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))`, and so are its gradients (to float rounding);
-      the weight gradient accumulates in float32 whatever the input dtype.
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))`, and so are its gradients, to float rounding:
+      the matmuls accumulate in float32 whatever the input dtype.
     """
     if not (isinstance(stride, int) and stride >= 1):
         raise ValueError(f"stride {stride!r} must be an int >= 1")
@@ -53,30 +56,111 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 1
 
 
 def _native(x, kernel, stride, padding):
-    if kernel.shape[:2] == (1, 1) and padding == 0:
-        # A 1x1 conv is a matmul over channels (XLA's 1x1 conv measured ~2x slower on CPU).
-        return jnp.dot(x[:, ::stride, ::stride, :], kernel[0, 0])
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DIMS)
+
+
+def _ynnpack_convs() -> bool:
+    """Whether XLA hands convolutions to YNNPACK: jaxlib 0.10.2 does by default (its ynn fusion
+    types default to individual_dot,individual_convolution), unless XLA_FLAGS drops
+    individual_convolution from --xla_cpu_experimental_ynn_fusion_type; then Eigen runs them."""
+    value = None
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, v = flag.lstrip("-").partition("=")
+        if name == "xla_cpu_experimental_ynn_fusion_type":
+            value = v
+    if value is None:
+        return True
+    items = [t.strip().lower() for t in value.split(",") if t.strip()]
+    if items and all(t[0] in "+-" for t in items):  # edits of the default list
+        return "-individual_convolution" not in items
+    return "individual_convolution" in items  # a list of its own
+
+
+def _plan(kernel_shape, stride: int) -> tuple[bool, bool, bool]:
+    """(forward, input gradient, weight gradient): which parts to compute here, not by XLA's conv.
+
+    Measured on 2 vCPUs (benchmarks/conv_speed.py). Weight gradient: YNNPACK's runs at 2-50 GFLOP/s,
+    im2col at 25-115; Eigen's at 80-140 for stride-1 kxk kernels of 32+ channels (im2col: 80-105),
+    else 18-115 (im2col: 35-115). Strided kxk input gradient: col2im 1.3-2.9x faster than either.
+    Strided kxk forward: im2col 1.4-2.3x faster than YNNPACK's, 1.2-1.9x slower than Eigen's.
+    """
+    kh, kw, c, _ = kernel_shape
+    strided = stride > 1 and (kh, kw) != (1, 1)
+    if _ynnpack_convs():
+        return strided, strided, True
+    return False, strided, not (stride == 1 and (kh, kw) != (1, 1) and c >= 32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, stride, padding):
-    return _native(x, kernel, stride, padding)
+    return _conv_fwd(x, kernel, stride, padding)[0]
 
 
 def _conv_fwd(x, kernel, stride, padding):
-    return _native(x, kernel, stride, padding), (x, kernel)
+    if _plan(kernel.shape, stride)[0]:
+        y = forward(x, kernel, stride=stride, padding=padding)
+    else:
+        y = _native(x, kernel, stride, padding)
+    return y, (x, kernel)
 
 
 def _conv_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    # XLA's own transposed conv; it is DCE'd under jit when x needs no gradient (the first layer).
-    _, input_vjp = jax.vjp(lambda x: _native(x, kernel, stride, padding), x)
-    (dx,) = input_vjp(dy)
-    return dx, weight_grad(x, dy, kernel.shape, stride=stride, padding=padding).astype(kernel.dtype)
+    _, own_dx, own_dw = _plan(kernel.shape, stride)
+    if not (own_dx and own_dw):  # XLA's transposed convs; under jit the unused one is dropped
+        dx, dw = jax.vjp(lambda x, k: _native(x, k, stride, padding), x, kernel)[1](dy)
+    # Under jit, XLA also drops dx when x needs no gradient (the first layer's input is data).
+    if own_dx:
+        dx = input_grad(dy, kernel, x.shape, stride=stride, padding=padding)
+    if own_dw:
+        dw = weight_grad(x, dy, kernel.shape, stride=stride, padding=padding).astype(kernel.dtype)
+    return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def forward(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int) -> jax.Array:
+    """`conv2d`'s value by im2col: per chunk of images, patches [n*Ho*Wo, kh*kw*C] @ kernel [kh*kw*C, O]."""
+    kh, kw, c, o = kernel.shape
+    n_img, h, w, _ = x.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    patches = functools.partial(_patches, kh=kh, kw=kw, ho=ho, wo=wo, stride=stride, padding=padding)
+    w_mat = kernel.reshape(kh * kw * c, o)  # rows (ky, kx, c), as the patches' columns
+
+    def chunk(xc):  # [n, H, W, C] -> [n, Ho, Wo, O]
+        y = jnp.dot(patches(xc), w_mat, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype).reshape(-1, ho, wo, o)
+
+    return _map_chunks(chunk, _n_chunks(n_img, ho * wo * kh * kw * c * x.dtype.itemsize), x)
+
+
+def input_grad(dy: jax.Array, kernel: jax.Array, x_shape, *, stride: int, padding: int) -> jax.Array:
+    """Gradient of `conv2d` wrt x: per chunk, dpatches = dy @ kernel^T, then col2im.
+
+    col2im adds each tap's [n, Ho, Wo, C] slice of dpatches back where im2col read it: spread by
+    the stride (interior padding stride - 1) and shifted by (ky, kx) in the padded input.
+    """
+    kh, kw, c, o = kernel.shape
+    n_img, h, w, _ = x_shape
+    _, ho, wo, _ = dy.shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    w_mat = kernel.reshape(kh * kw * c, o)
+    zero = jnp.zeros((), jnp.float32)
+
+    def chunk(dyc):  # [n, Ho, Wo, O] -> [n, H, W, C]
+        dp = lax.dot_general(dyc.reshape(-1, o), w_mat, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dp = dp.reshape(-1, ho, wo, kh * kw, c)  # [n, Ho, Wo, taps, C]
+        dxp = None
+        for ky in range(kh):
+            for kx in range(kw):
+                spread = ((0, 0, 0), (ky, hp - ky - stride * (ho - 1) - 1, stride - 1),
+                          (kx, wp - kx - stride * (wo - 1) - 1, stride - 1), (0, 0, 0))
+                tap = lax.pad(dp[:, :, :, ky * kw + kx], zero, spread)  # [n, Hp, Wp, C]
+                dxp = tap if dxp is None else dxp + tap
+        return dxp[:, padding:padding + h, padding:padding + w].astype(dy.dtype)
+
+    return _map_chunks(chunk, _n_chunks(n_img, ho * wo * kh * kw * c * 4), dy)
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, *, stride: int, padding: int) -> jax.Array:
@@ -90,24 +174,17 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, *, stride: int, paddi
     n_img, ho, wo, _ = dy.shape
     if (kh, kw, stride, padding) == (1, 1, 1, 0):  # patches are x itself: no copy to make
         return _patch_dot(x.reshape(-1, c), dy.reshape(-1, o)).reshape(kernel_shape)
-    per_image = ho * wo * kh * kw * c * x.dtype.itemsize
-    chunk = max(1, min(n_img, _CHUNK_BYTES // per_image))
-    n_chunks, rest = divmod(n_img, chunk)
     patches = functools.partial(_patches, kh=kh, kw=kw, ho=ho, wo=wo, stride=stride, padding=padding)
+    n_chunks = _n_chunks(n_img, ho * wo * kh * kw * c * x.dtype.itemsize)
+    if n_chunks == 1:
+        return _patch_dot(patches(x), dy.reshape(-1, o)).reshape(kernel_shape)
+    xs, dys = _chunk_view(x, n_chunks), _chunk_view(dy, n_chunks)
 
-    def add_chunk(acc, xy):
-        xc, dyc = xy
+    def add_chunk(acc, g):
+        xc, dyc = _chunk(xs, g), _chunk(dys, g)
         return acc + _patch_dot(patches(xc), dyc.reshape(-1, o)), None
 
-    if n_chunks == 1:
-        dw = _patch_dot(patches(x[:chunk]), dy[:chunk].reshape(-1, o))
-    else:
-        main = n_chunks * chunk
-        xs = x[:main].reshape(n_chunks, chunk, *x.shape[1:])  # [G, n, H, W, C]
-        dys = dy[:main].reshape(n_chunks, chunk, ho, wo, o)  # [G, n, Ho, Wo, O]
-        dw, _ = lax.scan(add_chunk, jnp.zeros((kh * kw * c, o), jnp.float32), (xs, dys))
-    if rest:
-        dw = dw + _patch_dot(patches(x[-rest:]), dy[-rest:].reshape(-1, o))
+    dw, _ = lax.scan(add_chunk, jnp.zeros((kh * kw * c, o), jnp.float32), jnp.arange(n_chunks))
     return dw.reshape(kernel_shape)
 
 
@@ -126,3 +203,37 @@ def _patches(x, *, kh, kw, ho, wo, stride, padding):
 def _patch_dot(patches, dy):
     """patches^T @ dy: [M, K] x [M, O] -> [K, O], accumulated in float32."""
     return lax.dot_general(patches, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# ---- chunks of images --------------------------------------------------------------------------
+# Chunk g of G holds images g, g + G, g + 2G, ...: split major-first, a batch sharded over d devices
+# stays sharded when d divides the chunk size (else XLA gathers the batch: correct, but replicated).
+def _n_chunks(n_img: int, patch_bytes_per_image: int) -> int:
+    """G such that N/G images per chunk is the largest divisor of N within _CHUNK_BYTES (at least 1).
+
+    A divisor, not a remainder chunk: uneven chunks measured 1.4-2.5x slower.
+    """
+    target = max(1, min(n_img, _CHUNK_BYTES // patch_bytes_per_image))
+    return n_img // next(d for d in range(target, 0, -1) if n_img % d == 0)
+
+
+def _chunk_view(a, n_chunks):
+    return a.reshape(-1, n_chunks, *a.shape[1:])  # [n, G, ...]: a bitcast, no copy
+
+
+def _chunk(view, g):
+    return lax.dynamic_index_in_dim(view, g, axis=1, keepdims=False)  # [n, ...]
+
+
+def _map_chunks(f, n_chunks, a):
+    """f over chunks of a's images, results back in image order (one chunk: f(a))."""
+    if n_chunks == 1:
+        return f(a)
+    view = _chunk_view(a, n_chunks)
+    shape = jax.eval_shape(f, _chunk(view, 0))
+
+    def put(g, out):
+        return lax.dynamic_update_index_in_dim(out, f(_chunk(view, g)), g, axis=1)
+
+    out = lax.fori_loop(0, n_chunks, put, jnp.zeros((shape.shape[0], n_chunks, *shape.shape[1:]), shape.dtype))
+    return out.reshape(-1, *shape.shape[1:])

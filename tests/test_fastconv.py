@@ -46,8 +46,15 @@ def close(actual, expected, rtol):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 
+@pytest.fixture(params=["ynnpack", "eigen"])
+def conv_backend(request, monkeypatch):
+    """Both plans: which parts conv2d computes itself depends on XLA's conv library (XLA_FLAGS)."""
+    monkeypatch.setattr(fastconv, "_ynnpack_convs", lambda: request.param == "ynnpack")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_{}x{}_c{}_o{}_k{}_s{}_p{}".format(*s))
-def test_value_and_gradients_match_lax(shape):
+def test_value_and_gradients_match_lax(shape, conv_backend):
     x, kernel, stride, padding = operands(shape)
     weights = normal(jax.eval_shape(lambda x, k: reference(x, k, stride, padding), x, kernel).shape, 7)
 
@@ -86,18 +93,30 @@ def test_vjp_matches_lax(shape):
     close(fast[1], ref[1], 1e-4)
 
 
-def test_weight_grad_chunks_and_remainder(monkeypatch):
-    """Several scan chunks plus a remainder chunk sum to the one-matmul weight gradient."""
-    x, kernel, stride, padding = operands((7, 8, 8, 8, 16, 3, 2, 1))
+def test_chunks_of_images_match_whole_batch(monkeypatch):
+    """Chunks of interleaved images (0, 2, 4 and 1, 3, 5) give the whole batch's value and gradients."""
+    x, kernel, stride, padding = operands((6, 8, 8, 8, 16, 3, 2, 1))
     dy = normal(jax.eval_shape(lambda x, k: reference(x, k, stride, padding), x, kernel).shape, 4)
-    monkeypatch.setattr(fastconv, "_CHUNK_BYTES", 2 * 4 * 4 * 9 * 8 * 4)  # 2 images: 3 chunks + 1
+    monkeypatch.setattr(fastconv, "_CHUNK_BYTES", 3 * 4 * 4 * 9 * 8 * 4)  # 3 images' patches: 2 chunks
+    assert fastconv._n_chunks(6, 4 * 4 * 9 * 8 * 4) == 2
 
     @jax.jit
     def both(x, kernel, dy):
-        expected = jax.vjp(lambda k: reference(x, k, stride, padding), kernel)[1](dy)[0]
-        return fastconv.weight_grad(x, dy, kernel.shape, stride=stride, padding=padding), expected
+        fast = jax.vjp(lambda x, k: fastconv.conv2d(x, k, stride=stride, padding=padding), x, kernel)
+        ref = jax.vjp(lambda x, k: reference(x, k, stride, padding), x, kernel)
+        return (fast[0], *fast[1](dy)), (ref[0], *ref[1](dy))
 
-    close(*both(x, kernel, dy), 1e-4)
+    for got, expected in zip(*both(x, kernel, dy)):
+        close(got, expected, 1e-4)
+
+
+def test_chunk_count_is_a_divisor_of_the_batch(monkeypatch):
+    monkeypatch.setattr(fastconv, "_CHUNK_BYTES", 100)
+    assert fastconv._n_chunks(512, 10) == 64  # 8 images per chunk
+    assert fastconv._n_chunks(12, 10) == 2  # 10 fit: 6, the largest divisor of 12 below
+    assert fastconv._n_chunks(7, 10) == 1  # all 7 fit
+    assert fastconv._n_chunks(13, 10) == 13  # prime: one image per chunk
+    assert fastconv._n_chunks(4, 1000) == 4  # an image larger than a chunk: one per chunk
 
 
 def test_bfloat16_accumulates_in_float32():
@@ -115,6 +134,19 @@ def test_bfloat16_accumulates_in_float32():
     y, dx, dk, dk_ref = run(x, kernel)
     assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16,) * 3
     close(dk.astype(jnp.float32), dk_ref, 1e-2)
+
+
+@pytest.mark.parametrize("flags, ynnpack", [
+    ("", True),
+    ("--xla_cpu_enable_fast_math=false", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=-individual_dot", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution", True),
+])
+def test_reads_which_library_runs_xla_convs_from_xla_flags(monkeypatch, flags, ynnpack):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert fastconv._ynnpack_convs() == ynnpack
 
 
 def test_enabled_follows_backend_and_env(monkeypatch):

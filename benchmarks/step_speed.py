@@ -1,0 +1,186 @@
+"""Whole train-step speed: fastconv on and off, XLA flag sets, and the peer (lightly), in one run.
+
+Times `train.make_step` (augmentation, encoder, projection head, NT-Xent, SGD: one jitted program)
+on random uint8 images, small CNN and ResNet-18 at 32x32. Each variant is a worker process of its
+own (CONTRASTIVE_FAST_CONV and XLA_FLAGS are read before JAX starts); the driver asks the workers
+for one step each in turn, so machine load hits all variants alike, and reports medians. It also
+checks the variants compute the same step: the first step's loss and parameter update are compared
+with the first variant's. The peer then runs shared/peers/lightly_simclr_bench.py in its own venv on
+the same model and batch, views concatenated as our step does (its pure mode has no augmentation:
+`augment_s` is our step's share for it). One JSON line per figure; pairs/s = pairs of views per second.
+
+    python benchmarks/step_speed.py                       # small:256 resnet18:64 resnet18:256, fast vs native
+    python benchmarks/step_speed.py --runs small:256 --steps 10
+    python benchmarks/step_speed.py --runs small:256 --variants fast native \\
+        "native:--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    python benchmarks/step_speed.py --peer-args=--channels_last   # the peer's fastest layout
+
+A variant is `fast` or `native`, optionally `:XLA_FLAGS`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PY = ROOT / ".peer" / "bin" / "python"
+PEER = ROOT.parent / "shared" / "peers" / "lightly_simclr_bench.py"
+
+
+def emit(**row):
+    row["loadavg"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(row), flush=True)
+
+
+# ---- worker: one variant, one process --------------------------------------------------------
+def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
+    """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+
+    from contrastive_cli import augment, fastconv, train
+    from contrastive_cli.config import ModelConfig, TrainConfig
+    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
+
+    # SGD as the peer; the optimizer barely moves step time.
+    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
+                      precision=precision)
+    mesh = data_mesh()
+    tx = train.make_optimizer(cfg)
+    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    step = train.make_step(cfg, graphdef, tx, mesh)
+    r = train.working_size(cfg.model.image_size)
+    host = np.random.default_rng(0).integers(0, 256, (pairs, r, r, 3), dtype=np.uint8)
+    images = jax.device_put(host, batch_sharding(mesh))
+    before = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
+    convs = step.lower(state, images).as_text().count("stablehlo.convolution")
+    t = time.perf_counter()
+    state, out = step(state, images)  # compile (or load from the cache) + first step
+    loss = float(out["loss"])
+    first = time.perf_counter() - t
+    after = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
+    np.save(update_path, np.concatenate([(a - b).ravel() for a, b in zip(after, before)]))
+    reply = dict(ready=True, first_s=first, convs=convs, loss=loss, fast=fastconv.enabled())
+    print(json.dumps(reply), flush=True)
+    aug = jax.jit(lambda im, key: jnp.concatenate(augment.augment_views(im, key=key, cfg=cfg.augment, size=32)))
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            return
+        t = time.perf_counter()
+        if cmd == "step":
+            state, out = step(state, images)
+            jax.block_until_ready(out["loss"])
+        elif cmd == "augment":
+            jax.block_until_ready(aug(images, jax.random.key(0)))
+        print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+
+
+# ---- driver ----------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, variant: str, encoder: str, pairs: int, precision: str, tmp: Path):
+        kind, _, flags = variant.partition(":")
+        if kind not in ("fast", "native"):
+            raise SystemExit(f"variant {variant!r} must start with fast or native")
+        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0", XLA_FLAGS=flags)
+        self.update_path = tmp / f"update{abs(hash(variant))}.npy"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", encoder, str(pairs), precision, str(self.update_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.info = self._read()
+        if self.info.get("fast") != (kind == "fast"):
+            raise SystemExit(f"variant {variant!r}: worker reports fastconv.enabled() = {self.info.get('fast')}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker exited with {self.proc.wait()} (run it alone to see why)")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> float:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()["s"]
+
+    def close(self):
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def time_peer(model: str, batch: int, steps: int, extra: list[str]) -> dict:
+    cmd = [str(PEER_PY), str(PEER), "--model", model, "--batch", str(batch), "--steps", str(steps),
+           "--views", "concat", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"peer failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(encoder: str, pairs: int, a, tmp: Path) -> None:
+    workers = {}
+    for v in a.variants:  # one at a time: compiles do not compete
+        workers[v] = Worker(v, encoder, pairs, a.precision, tmp)
+    try:
+        aug = statistics.median(workers[a.variants[0]].ask("augment") for _ in range(3))
+        times = {v: [] for v in workers}
+        for _ in range(a.steps):
+            for v, w in workers.items():
+                times[v].append(w.ask("step"))
+    finally:
+        for w in workers.values():
+            w.close()
+    base = a.variants[0]
+    ref = np.load(workers[base].update_path)
+    for v, w in workers.items():
+        upd = np.load(w.update_path)
+        med = statistics.median(times[v])
+        emit(what="step", encoder=encoder, pairs=pairs, precision=a.precision, variant=v,
+             pairs_s=round(pairs / med, 2), speedup_vs_first=round(statistics.median(times[base]) / med, 3),
+             first_loss=w.info["loss"], loss_diff=abs(w.info["loss"] - workers[base].info["loss"]),
+             update_max_diff=float(np.abs(upd - ref).max() / np.abs(ref).max()),  # of the largest entry
+             update_l2_diff=float(np.linalg.norm(upd - ref) / np.linalg.norm(ref)),
+             convs=w.info["convs"], first_step_s=round(w.info["first_s"], 1), augment_s=round(aug, 4),
+             step_times=[round(t, 3) for t in times[v]])
+    if PEER_PY.exists() and not a.no_peer:
+        peer = time_peer(encoder, pairs, max(a.steps, 3), a.peer_args.split())
+        best = max(pairs / statistics.median(t) for t in times.values())
+        emit(what="peer", encoder=encoder, pairs=pairs, pairs_s=round(peer["imgs_per_s"], 2),
+             views=peer["views"], channels_last=peer["channels_last"], threads=peer["threads"],
+             best_ours_over_peer=round(best / peer["imgs_per_s"], 3),
+             **{f"{v}_over_peer": round(pairs / statistics.median(t) / peer["imgs_per_s"], 3)
+                for v, t in times.items()})
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        encoder, pairs, precision, update_path = sys.argv[2:6]
+        return worker(encoder, int(pairs), precision, update_path)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", nargs="+", default=["small:256", "resnet18:64", "resnet18:256"],
+                   help="encoder:pairs_per_step")
+    p.add_argument("--variants", nargs="+", default=["fast", "native"], help="fast|native[:XLA_FLAGS]")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant, interleaved")
+    p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--peer-args", default="", help="extra arguments for the peer script, e.g. --channels_last")
+    a = p.parse_args()
+    emit(what="setup", cpus=os.cpu_count(), variants=a.variants, peer=PEER_PY.exists() and not a.no_peer)
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in a.runs:
+            encoder, pairs = spec.split(":")
+            run(encoder, int(pairs), a, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
