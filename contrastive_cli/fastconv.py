@@ -1,13 +1,13 @@
 """2-D convolution with fast gradients on XLA:CPU.
 
 jaxlib 0.10.2 hands CPU convolutions to YNNPACK, which computes the weight gradient (the "backward
-filter" conv) at 2-50 GFLOP/s on 2 vCPUs, while a 4096^2 matmul runs at ~100. `conv2d` computes
-the weight gradient as im2col + matmul instead (25-115 GFLOP/s), and for strided kernels (the
-downsampling convs) also the input gradient (matmul + col2im) and, under YNNPACK, the forward
-(im2col). Every im2col works on a chunk of a few images, so its patches stay in cache until the
-matmul reads them. With XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
-XLA runs convolutions on Eigen, which is fast for most parts; `_plan` then keeps only the parts
-that still win. `benchmarks/conv_speed.py` measures each part against XLA's own.
+filter" conv) at 2-55 GFLOP/s on 2 vCPUs, while a 4096^2 matmul runs at ~100. `conv2d` computes
+the weight gradient as im2col + matmul instead (30-115 GFLOP/s), and the forward (im2col) and the
+input gradient (col2im, or im2col of dy at stride 1) too, 1.05-2.3x faster than YNNPACK's. Every
+im2col works on a chunk of a few images, so its patches stay in cache until the matmul reads them.
+With XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution XLA runs
+convolutions on Eigen, which is fast for most parts; `_plan` then keeps only the parts that still
+win. `benchmarks/conv_speed.py` measures each part against XLA's own.
 
 Models call `conv2d` only when `enabled()`: GPU and TPU keep XLA's native convolution, and
 `CONTRASTIVE_FAST_CONV=0` switches it off on CPU (for A/B timing).
@@ -79,16 +79,17 @@ def _ynnpack_convs() -> bool:
 def _plan(kernel_shape, stride: int) -> tuple[bool, bool, bool]:
     """(forward, input gradient, weight gradient): which parts to compute here, not by XLA's conv.
 
-    Measured on 2 vCPUs (benchmarks/conv_speed.py). Weight gradient: YNNPACK's runs at 2-50 GFLOP/s,
-    im2col at 25-115; Eigen's at 80-140 for stride-1 kxk kernels of 32+ channels (im2col: 80-105),
-    else 18-115 (im2col: 35-115). Strided kxk input gradient: col2im 1.3-2.9x faster than either.
-    Strided kxk forward: im2col 1.4-2.3x faster than YNNPACK's, 1.2-1.9x slower than Eigen's.
+    Measured on 2 vCPUs, batch 512 (benchmarks/conv_speed.py), GFLOP/s. YNNPACK: weight gradient
+    2-55 (im2col: 30-115); kxk forward and input gradient 9-105 (im2col, col2im: 12-140, 1.05-2.3x
+    faster). Eigen: weight gradient 80-140 for stride-1 kxk kernels of 32+ channels (im2col
+    80-105), else 18-115 (im2col 35-115); strided input gradient 20-75 (col2im 53-118); forward
+    faster than im2col. 1x1 kernels: XLA's forward and input gradient are as fast as a matmul.
     """
     kh, kw, c, _ = kernel_shape
-    strided = stride > 1 and (kh, kw) != (1, 1)
+    kxk = (kh, kw) != (1, 1)
     if _ynnpack_convs():
-        return strided, strided, True
-    return False, strided, not (stride == 1 and (kh, kw) != (1, 1) and c >= 32)
+        return kxk, kxk, True
+    return False, kxk and stride > 1, not (kxk and stride == 1 and c >= 32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -110,7 +111,11 @@ def _conv_bwd(stride, padding, residuals, dy):
     if not (own_dx and own_dw):  # XLA's transposed convs; under jit the unused one is dropped
         dx, dw = jax.vjp(lambda x, k: _native(x, k, stride, padding), x, kernel)[1](dy)
     # Under jit, XLA also drops dx when x needs no gradient (the first layer's input is data).
-    if own_dx:
+    if own_dx and stride == 1 and kernel.shape[0] == kernel.shape[1] > padding:
+        # Stride 1: dx is the conv of dy with the kernel turned 180 degrees, in and out swapped.
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # [kh, kw, O, C]
+        dx = forward(dy, flipped, stride=1, padding=kernel.shape[0] - 1 - padding)
+    elif own_dx:
         dx = input_grad(dy, kernel, x.shape, stride=stride, padding=padding)
     if own_dw:
         dw = weight_grad(x, dy, kernel.shape, stride=stride, padding=padding).astype(kernel.dtype)

@@ -7,7 +7,8 @@ from jax import lax
 
 from contrastive_cli import fastconv
 
-# (N, H, W, C, O, k, stride, padding): stem, downsampling, 1x1 shortcuts, odd sizes, batch 1 and 5.
+# (N, H, W, C, O, k, stride, padding): stem, downsampling, 1x1 shortcuts, odd sizes, batch 1 and 5,
+# 'valid' and wider-than-kernel padding.
 SHAPES = [
     (5, 8, 8, 3, 8, 3, 1, 1),
     (1, 9, 7, 8, 16, 3, 1, 1),
@@ -17,6 +18,8 @@ SHAPES = [
     (5, 9, 7, 8, 16, 1, 2, 0),
     (1, 6, 6, 16, 3, 1, 2, 0),
     (5, 7, 9, 3, 8, 5, 2, 2),
+    (5, 8, 8, 8, 8, 3, 1, 0),
+    (1, 6, 6, 8, 8, 3, 1, 3),
 ]
 
 
@@ -119,21 +122,21 @@ def test_chunk_count_is_a_divisor_of_the_batch(monkeypatch):
     assert fastconv._n_chunks(4, 1000) == 4  # an image larger than a chunk: one per chunk
 
 
-def test_bfloat16_accumulates_in_float32():
-    x, kernel, stride, padding = operands((5, 8, 8, 16, 16, 3, 1, 1), jnp.bfloat16)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bfloat16_accumulates_in_float32(stride):
+    x, kernel, _, padding = operands((5, 8, 8, 16, 16, 3, 1, 1), jnp.bfloat16)
 
     @jax.jit
     def run(x, kernel):
         y, vjp = jax.vjp(lambda x, k: fastconv.conv2d(x, k, stride=stride, padding=padding), x, kernel)
-        dx, dk = vjp(jnp.ones_like(y))
         # float32 maths on the same bfloat16 values: only the final rounding to bfloat16 differs.
-        x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
-        dk_ref = jax.vjp(lambda k: reference(x32, k, stride, padding), k32)[1](jnp.ones(y.shape))[0]
-        return y, dx, dk, dk_ref
+        f32 = jax.vjp(lambda x, k: reference(x, k, stride, padding), x.astype(jnp.float32), kernel.astype(jnp.float32))
+        return (y, *vjp(jnp.ones_like(y))), (f32[0], *f32[1](jnp.ones(y.shape)))
 
-    y, dx, dk, dk_ref = run(x, kernel)
-    assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16,) * 3
-    close(dk.astype(jnp.float32), dk_ref, 1e-2)
+    got, expected = run(x, kernel)
+    assert [a.dtype for a in got] == [jnp.bfloat16] * 3
+    for a, b in zip(got, expected):
+        close(a.astype(jnp.float32), b, 1e-2)
 
 
 @pytest.mark.parametrize("flags, ynnpack", [
