@@ -15,7 +15,8 @@ the same model and batch, views concatenated as our step does (its pure mode has
         "native:--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
     python benchmarks/step_speed.py --peer-args=--channels_last   # the peer's fastest layout
 
-A variant is `fast` or `native`, optionally `:XLA_FLAGS`.
+A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
+(runtime.tune_malloc), e.g. `plain-fast`.
 """
 from __future__ import annotations
 
@@ -48,13 +49,14 @@ def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from contrastive_cli import augment, fastconv, train
+    from contrastive_cli import augment, fastconv, runtime, train
     from contrastive_cli.config import ModelConfig, TrainConfig
     from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
     # SGD as the peer; the optimizer barely moves step time.
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
                       precision=precision)
+    runtime.tune_malloc()  # as pretrain does (off for `plain-` variants)
     mesh = data_mesh()
     tx = train.make_optimizer(cfg)
     graphdef, state = train.init_state(cfg, tx, replicated(mesh))
@@ -90,9 +92,12 @@ def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
 class Worker:
     def __init__(self, variant: str, encoder: str, pairs: int, precision: str, tmp: Path):
         kind, _, flags = variant.partition(":")
+        plain = kind.startswith("plain-")
+        kind = kind.removeprefix("plain-")
         if kind not in ("fast", "native"):
-            raise SystemExit(f"variant {variant!r} must start with fast or native")
-        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0", XLA_FLAGS=flags)
+            raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
+        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0", XLA_FLAGS=flags,
+                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1")
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", encoder, str(pairs), precision, str(self.update_path)],
