@@ -111,7 +111,7 @@ def main() -> None:
     for i in range(a.repeats):
         run = Path(tempfile.mkdtemp()) / "run"
         train_cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.size), batch_size=a.batch,
-                                epochs=a.epochs, log_every=1)
+                                epochs=a.epochs)  # log_every as the CLI: 10
         s = pretrain(folder, train_cfg, run, cache=False)  # cold: decoding is part of the figure
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         # Compilation is a one-off (and cached across runs): leave the first step out, as the peer

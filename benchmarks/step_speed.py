@@ -46,17 +46,17 @@ def emit(**row):
 def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
     """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
     sys.path.insert(0, str(ROOT))
+    import contrastive_cli  # first: it tunes malloc before JAX starts threads (runtime.tune_malloc)
     import jax
     import jax.numpy as jnp
 
-    from contrastive_cli import augment, fastconv, runtime, train
+    from contrastive_cli import augment, fastconv, train
     from contrastive_cli.config import ModelConfig, TrainConfig
     from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
     # SGD as the peer; the optimizer barely moves step time.
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
                       precision=precision)
-    runtime.tune_malloc()  # as pretrain does (off for `plain-` variants)
     mesh = data_mesh()
     tx = train.make_optimizer(cfg)
     graphdef, state = train.init_state(cfg, tx, replicated(mesh))

@@ -25,7 +25,7 @@ from .data import (IMAGE_EXTENSIONS, _decode_or_reason, decode_files, decode_poo
 from .errors import CheckpointError, InputError
 from .models import feature_dim
 from .mesh import batch_sharding, data_mesh, replicated
-from .runtime import enable_compilation_cache, tune_malloc
+from .runtime import enable_compilation_cache
 
 CHUNK = 1024  # images decoded at a time: memory stays bounded on folders of any size
 
@@ -81,7 +81,6 @@ def load_encoder(run_dir: Path, *, batch_size: int = 128) -> Encoder:
     from .train import make_optimizer
 
     enable_compilation_cache()
-    tune_malloc()
     run_dir = Path(run_dir)
     cfg = checkpoint.read_config(run_dir)
     tx = make_optimizer(cfg)
@@ -101,7 +100,6 @@ def random_encoder(cfg: TrainConfig, *, batch_size: int = 128) -> Encoder:
     from .train import init_state, make_optimizer
 
     enable_compilation_cache()
-    tune_malloc()
     graphdef, state = init_state(cfg, make_optimizer(cfg))
     return Encoder(cfg, Path("(random init)"), 0, graphdef, state["params"], state["stats"], batch_size)
 

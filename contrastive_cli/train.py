@@ -30,7 +30,7 @@ from .plot import plot_metrics
 from .prefetch import Prefetcher
 from .probe import KnnProbe
 from .rundir import default_run_dir, prepare_run_dir, truncate_metrics
-from .runtime import enable_compilation_cache, tune_malloc
+from .runtime import enable_compilation_cache
 from .step import compute_dtype, init_state, make_step, working_size
 
 # Re-exported: the train module is where callers look for the step's pieces.
@@ -98,7 +98,6 @@ def pretrain(
     primary = is_primary()
     monitor = (monitor or Monitor()) if primary else Monitor()
     enable_compilation_cache()
-    tune_malloc()
     if output is None and multi:
         raise ConfigError("a multi-process run needs --output: one run directory that every process can reach")
     output = Path(output) if output else default_run_dir(cfg)
