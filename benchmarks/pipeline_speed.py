@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import contrastive_cli  # noqa: F401  (before numpy: it tunes malloc before any thread starts)
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import contrastive_cli  # noqa: F401  (before numpy: it tunes malloc before any thread starts)
 import numpy as np
 from PIL import Image
 
@@ -57,6 +58,8 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--no-baselines", action="store_true", help="skip raw pixels and random init")
     p.add_argument("--work", type=Path, default=Path(".bench/fashion-mnist"))
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig overrides, e.g. temperature=0.2 augment.blur_p=0 augment.crop_scale=0.2,1")
     a = p.parse_args()
     if not SRC.exists():
         sys.exit(f"{SRC} not found: apt-get install dataset-fashion-mnist")
@@ -77,18 +80,45 @@ def main() -> None:
 
     base = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.image_size), batch_size=a.batch_size,
                        time_budget=0 if a.steps else a.minutes, steps=a.steps, log_every=50)
+    base = with_overrides(base, a.set)
     if not a.no_baselines:
         rnd = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=random_encoder(base))
         report(model="random init", **{k: rnd[k] for k in ("knn", "linear", "n_train", "n_test")})
         report(model="raw pixels", knn=rnd["raw_knn"], linear=rnd["raw_linear"])
     for loss in a.losses:
         cfg = TrainConfig(**{**base.__dict__, "loss": loss})
-        run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}"
+        tag = "".join(f"-{kv.replace('augment.', '').replace(',', '_')}" for kv in a.set)
+        run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}{tag}"
         summary = pretrain(train_dir, cfg, run, force=True)
         res = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=load_encoder(run), raw=False)
-        report(model=f"{a.encoder} {loss}", budget_minutes=0 if a.steps else a.minutes, steps=summary["steps"],
+        report(model=f"{a.encoder} {loss}", settings=a.set, budget_minutes=0 if a.steps else a.minutes,
+               steps=summary["steps"],
                wall_s=round(summary["wall_s"]), knn=res["knn"], linear=res["linear"],
                final_loss=summary["final_loss"])
+
+
+def with_overrides(cfg, pairs: list[str]):
+    """cfg with KEY=VALUE pairs applied; `augment.` and `model.` reach the nested configs; a value
+    takes the type of the field it replaces (tuples: comma-separated)."""
+    import dataclasses
+
+    nested: dict[str, dict] = {"": {}, "augment": {}, "model": {}}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        part, _, name = key.rpartition(".")
+        target = getattr(cfg, part) if part else cfg
+        old = getattr(target, name)  # AttributeError names an unknown key
+        if isinstance(old, tuple):
+            new = tuple(type(old[0])(v) for v in value.split(","))
+        elif isinstance(old, bool):
+            new = value.lower() in ("1", "true", "yes")
+        else:
+            new = type(old)(value)
+        nested[part][name] = new
+    for part in ("augment", "model"):
+        if nested[part]:
+            nested[""][part] = dataclasses.replace(getattr(cfg, part), **nested[part])
+    return dataclasses.replace(cfg, **nested[""])
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@ the same model and batch, views concatenated as our step does (its pure mode has
     python benchmarks/step_speed.py --runs small:256 --steps 10
     python benchmarks/step_speed.py --runs small:256 --variants fast native \\
         "native:--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-    python benchmarks/step_speed.py --peer-args=--channels_last   # the peer's fastest layout
+    python benchmarks/step_speed.py --peer-args=--channels_last   # the peer's fastest small-CNN layout
+    python benchmarks/step_speed.py --peer-args="" --peer-args="--views separate" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
-(runtime.tune_malloc), e.g. `plain-fast`.
+(runtime.tune_malloc), e.g. `plain-fast`. Without flags the tool's own XLA flags apply
+(runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults (YNNPACK convolutions):
+
+    python benchmarks/step_speed.py --variants fast fast:default native:default
 """
 from __future__ import annotations
 
@@ -96,7 +100,9 @@ class Worker:
         kind = kind.removeprefix("plain-")
         if kind not in ("fast", "native"):
             raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
-        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0", XLA_FLAGS=flags,
+        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0",
+                   XLA_FLAGS="" if flags == "default" else flags,
+                   CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
                    CONTRASTIVE_MALLOC_TUNING="0" if plain else "1")
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
         self.proc = subprocess.Popen(
@@ -123,6 +129,31 @@ class Worker:
         self.proc.wait()
 
 
+# FLOPs of one training pair (two views, forward and backward) by torch's FlopCounter on the peer's
+# identical model (lightly_simclr_bench.py --flops), used when the peer's venv is missing.
+FLOP_PER_PAIR = {"small": 0.179e9, "resnet18": 6.66e9}
+
+
+def flop_per_pair(model: str, batch: int) -> float:
+    if not PEER_PY.exists():
+        return FLOP_PER_PAIR[model]
+    cmd = [str(PEER_PY), str(PEER), "--model", model, "--batch", str(batch), "--flops"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["train_flops_per_pair"]
+
+
+def matmul_peak() -> float:
+    """GFLOP/s of a jitted float32 4096 x 4096 matmul here (median of 7): the ceiling a step can near."""
+    code = ("import time, statistics, jax, jax.numpy as jnp\n"
+            "a = jnp.ones((4096, 4096), jnp.float32); f = jax.jit(lambda a: a @ a); f(a).block_until_ready()\n"
+            "ts = []\n"
+            "for _ in range(7):\n"
+            "    t = time.perf_counter(); f(a).block_until_ready(); ts.append(time.perf_counter() - t)\n"
+            "print(2 * 4096 ** 3 / statistics.median(ts) / 1e9)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def time_peer(model: str, batch: int, steps: int, extra: list[str]) -> dict:
     cmd = [str(PEER_PY), str(PEER), "--model", model, "--batch", str(batch), "--steps", str(steps),
            "--views", "concat", *extra]
@@ -132,7 +163,8 @@ def time_peer(model: str, batch: int, steps: int, extra: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(encoder: str, pairs: int, a, tmp: Path) -> None:
+def run(encoder: str, pairs: int, a, tmp: Path, peak: float) -> None:
+    flop = flop_per_pair(encoder, pairs)
     workers = {}
     for v in a.variants:  # one at a time: compiles do not compete
         workers[v] = Worker(v, encoder, pairs, a.precision, tmp)
@@ -151,20 +183,29 @@ def run(encoder: str, pairs: int, a, tmp: Path) -> None:
         upd = np.load(w.update_path)
         med = statistics.median(times[v])
         emit(what="step", encoder=encoder, pairs=pairs, precision=a.precision, variant=v,
-             pairs_s=round(pairs / med, 2), speedup_vs_first=round(statistics.median(times[base]) / med, 3),
+             pairs_s=round(pairs / med, 2), gflop_s=round(pairs / med * flop / 1e9, 1),
+             of_matmul_peak=round(pairs / med * flop / 1e9 / peak, 3),
+             speedup_vs_first=round(statistics.median(times[base]) / med, 3),
              first_loss=w.info["loss"], loss_diff=abs(w.info["loss"] - workers[base].info["loss"]),
              update_max_diff=float(np.abs(upd - ref).max() / np.abs(ref).max()),  # of the largest entry
              update_l2_diff=float(np.linalg.norm(upd - ref) / np.linalg.norm(ref)),
              convs=w.info["convs"], first_step_s=round(w.info["first_s"], 1), augment_s=round(aug, 4),
              step_times=[round(t, 3) for t in times[v]])
     if PEER_PY.exists() and not a.no_peer:
-        peer = time_peer(encoder, pairs, max(a.steps, 3), a.peer_args.split())
         best = max(pairs / statistics.median(t) for t in times.values())
-        emit(what="peer", encoder=encoder, pairs=pairs, pairs_s=round(peer["imgs_per_s"], 2),
-             views=peer["views"], channels_last=peer["channels_last"], threads=peer["threads"],
-             best_ours_over_peer=round(best / peer["imgs_per_s"], 3),
-             **{f"{v}_over_peer": round(pairs / statistics.median(t) / peer["imgs_per_s"], 3)
-                for v, t in times.items()})
+        peers = []
+        for extra in a.peer_args or [""]:  # each layout the peer is asked to try
+            peer = time_peer(encoder, pairs, max(a.steps, 3), extra.split())
+            peers.append(peer["imgs_per_s"])
+            emit(what="peer", encoder=encoder, pairs=pairs, pairs_s=round(peer["imgs_per_s"], 2),
+                 gflop_s=round(peer["imgs_per_s"] * flop / 1e9, 1),
+                 of_matmul_peak=round(peer["imgs_per_s"] * flop / 1e9 / peak, 3),
+                 views=peer["views"], channels_last=peer["channels_last"], threads=peer["threads"],
+                 best_ours_over_peer=round(best / peer["imgs_per_s"], 3),
+                 **{f"{v}_over_peer": round(pairs / statistics.median(t) / peer["imgs_per_s"], 3)
+                    for v, t in times.items()})
+        emit(what="ratio", encoder=encoder, pairs=pairs, best_ours=round(best, 2), best_peer=round(max(peers), 2),
+             best_ours_over_best_peer=round(best / max(peers), 3))
 
 
 def main():
@@ -178,13 +219,17 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant, interleaved")
     p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
     p.add_argument("--no-peer", action="store_true")
-    p.add_argument("--peer-args", default="", help="extra arguments for the peer script, e.g. --channels_last")
+    p.add_argument("--peer-args", action="append",
+                   help="extra arguments for the peer script, e.g. --channels_last; repeat to time several "
+                        "layouts (the ratio line compares with the fastest)")
     a = p.parse_args()
-    emit(what="setup", cpus=os.cpu_count(), variants=a.variants, peer=PEER_PY.exists() and not a.no_peer)
+    peak = matmul_peak()
+    emit(what="setup", cpus=os.cpu_count(), variants=a.variants, peer=PEER_PY.exists() and not a.no_peer,
+         matmul_peak_gflop_s=round(peak, 1))
     with tempfile.TemporaryDirectory() as tmp:
         for spec in a.runs:
             encoder, pairs = spec.split(":")
-            run(encoder, int(pairs), a, Path(tmp))
+            run(encoder, int(pairs), a, Path(tmp), peak)
 
 
 if __name__ == "__main__":

@@ -86,8 +86,10 @@ class TrainDisplay:
         if record is not None:
             rate = record.get("pairs_per_s")
             self._knn = record.get("knn", self._knn)
+            first = record.get("first_step_s")
             fields["stats"] = (f"loss {record['loss']:.4f}"
                                + (f"  {rate:,.0f} pairs/s" if rate else "")
+                               + (f"  compiled + first step {first:.1f} s" if first is not None else "")
                                + f"  data wait {100 * record['data_wait']:.0f}%"
                                + f"  pos/neg cos {record.get('pos_cos', 0):.2f}/{record.get('neg_cos', 0):.2f}"
                                + (f"  kNN {self._knn:.3f}" if self._knn is not None else ""))

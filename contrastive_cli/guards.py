@@ -84,9 +84,10 @@ class Budget:
     """Turns a wall-clock budget into a step count, from throughput measured after compilation.
 
     The first estimate comes from steps 2-4 (step 1 includes the compile); it is refined at every
-    fifth of the budget from the speed since the previous estimate, so a machine that gets busier
-    or quieter mid-run still ends on time. The learning-rate schedule follows the total it sets
-    (a late change moves the cosine's end, not its start).
+    fifth of the time left after it, from the speed since the previous estimate, so a machine that
+    gets busier or quieter mid-run still ends on time. (Fifths of the whole budget failed when
+    loading and compiling took most of a short budget: all re-estimates fell on the next steps.)
+    The learning-rate schedule follows the total it sets (a late change moves the cosine's end).
     """
 
     CHECKPOINTS = 5  # re-estimates at 1/5, 2/5, ... of the budget
@@ -94,7 +95,8 @@ class Budget:
     def __init__(self, seconds: float, t0: float):
         self.seconds, self.t0 = seconds, t0
         self.mark = None  # (step, time) of the last estimate (first: after the compiled first step)
-        self.next_check = 1  # the next fifth of the budget at which to re-estimate
+        self.next_check = 1  # the next fifth of the time left after the first estimate
+        self.first_at = None  # seconds into the budget of the first estimate
 
     def update(self, step: int, start: int, out) -> int | None:
         """Called after each step: a new total step count, or None to keep the current one."""
@@ -102,8 +104,9 @@ class Budget:
         if elapsed > self.seconds:
             return step  # over budget (a slow save, a busy machine): stop here
         first = done == 1
-        estimate = done == 4 or (done > 4 and self.next_check < self.CHECKPOINTS
-                                 and elapsed > self.seconds * self.next_check / self.CHECKPOINTS)
+        estimate = done == 4 or (done > 4 and self.first_at is not None and self.next_check < self.CHECKPOINTS
+                                 and elapsed > self.first_at + (self.seconds - self.first_at) * self.next_check
+                                 / self.CHECKPOINTS)
         if not (first or estimate):
             return None
         jax.block_until_ready(out["loss"])
@@ -113,6 +116,8 @@ class Budget:
             return None
         if done > 4:
             self.next_check += 1
+        else:
+            self.first_at = now - self.t0
         per_step = (now - self.mark[1]) / max(1, step - self.mark[0])
         self.mark = (step, now)
         left = self.seconds - (now - self.t0) - 2 * per_step - 1.0  # keep time for the final save

@@ -216,6 +216,8 @@ def pretrain(
                               "pairs_per_s": window_steps * cfg.batch_size / elapsed if step != start + 1 else None,
                               "data_wait": window_wait / elapsed,
                               **{k: float(v) for k, v in metrics_fn(out["z1"], out["z2"]).items()}}
+                    if step == start + 1:  # compiling (or loading from the persistent cache) + one step
+                        record["first_step_s"] = compile_s
                     if "logit_scale" in out:  # the sigmoid loss's learned t = exp(t') and b
                         record["sigmoid_t"] = math.exp(float(out["logit_scale"]))
                         record["sigmoid_b"] = float(out["logit_bias"])

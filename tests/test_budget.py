@@ -47,6 +47,18 @@ def test_budget_follows_a_machine_that_gets_faster(monkeypatch):
     assert clock.now <= 100.0 and steps > 100
 
 
+def test_budget_ends_on_time_when_the_compile_takes_most_of_it(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(guards.time, "perf_counter", clock)
+    budget = guards.Budget(18.0, t0=0.0)
+    # A 15 s compile, fast steps, then a machine 5x slower for the rest: the re-estimates are spread
+    # over the 3 s left, so the total follows the slowdown and the schedule still reaches its end.
+    steps = drive(budget, clock, lambda i: 15.0 if i == 0 else 0.001 if clock.now < 15.5 else 0.005)
+    assert 16.5 <= clock.now <= 18.0
+    assert budget.next_check >= 3  # re-estimates spread over the steps, not spent on the first few
+    assert steps > 300
+
+
 def test_budget_stops_a_run_that_overruns(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(guards.time, "perf_counter", clock)

@@ -38,3 +38,29 @@ def test_tuned_malloc_reuses_big_blocks_without_page_faults():
     pages = 2 * 2**26 // 4096  # two 64 MiB buffers in 4 KiB pages
     assert plain > pages // 2  # glibc's default: each buffer mmapped afresh and faulted in
     assert tuned < pages // 20  # tuned: the freed block is reused
+
+
+def xla_flags(env: dict) -> str:
+    code = "import os, contrastive_cli, jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))"
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **env}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_importing_the_package_prefers_eigen_convolutions_unless_told_otherwise():
+    from contrastive_cli.runtime import EIGEN_CONVOLUTIONS
+
+    assert xla_flags({}) == EIGEN_CONVOLUTIONS
+    assert xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) == (
+        f"--xla_force_host_platform_device_count=2 {EIGEN_CONVOLUTIONS}")
+    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+    assert xla_flags({"XLA_FLAGS": mine}) == mine  # the user's choice stands
+    assert xla_flags({"CONTRASTIVE_XLA_FLAGS": "0"}) == ""
+
+
+def test_no_flag_is_added_once_jax_has_started():
+    code = ("import jax; jax.devices(); import os, contrastive_cli\n"
+            "print(contrastive_cli.runtime.prefer_eigen_convolutions(), repr(os.environ.get('XLA_FLAGS', '')))")
+    out = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "''"]

@@ -50,7 +50,11 @@ def full_run(folder, images, tmp_path_factory):
     run = tmp_path_factory.mktemp("full") / "run"
     summary = pretrain(folder, CFG, run, images=images)
     assert summary["devices"] == 4 and summary["steps"] == STEPS
-    return metrics(run)
+    records = metrics(run)
+    # The first record says how long compiling (or loading from the cache) and one step took.
+    assert records[0]["first_step_s"] == pytest.approx(summary["compile_s"]) and records[0]["first_step_s"] > 0
+    assert not any("first_step_s" in r for r in records[1:])
+    return records
 
 
 def test_one_device_matches_four(full_run, folder, images, tmp_path):
