@@ -90,7 +90,7 @@ class Budget:
     The learning-rate schedule follows the total it sets (a late change moves the cosine's end).
     """
 
-    CHECKPOINTS = 5  # re-estimates at 1/5, 2/5, ... of the budget
+    CHECKPOINTS = 5  # re-estimates at 1/5, 2/5, ... of the time left after the first estimate
 
     def __init__(self, seconds: float, t0: float):
         self.seconds, self.t0 = seconds, t0

@@ -64,3 +64,15 @@ def test_no_flag_is_added_once_jax_has_started():
     out = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "''"]
+
+
+def test_a_jaxlib_the_flag_was_not_tested_with_gets_no_flag():
+    code = ("import os, contrastive_cli.runtime as r\n"  # imported with CONTRASTIVE_XLA_FLAGS=0: nothing added
+            "del os.environ['CONTRASTIVE_XLA_FLAGS']\n"
+            "r.EIGEN_FLAG_JAXLIB = ('9.',)\n"
+            "print(r.prefer_eigen_convolutions(), repr(os.environ.get('XLA_FLAGS', '')))\n"
+            "r.EIGEN_FLAG_JAXLIB = ('0.10.',)\n"
+            "print(r.prefer_eigen_convolutions())")
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "CONTRASTIVE_XLA_FLAGS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "''", "True"]
