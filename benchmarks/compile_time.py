@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def worker(encoder: str, pairs: int) -> None:
     sys.path.insert(0, str(ROOT))
-    import contrastive_cli  # noqa: F401  (first: tunes malloc before JAX starts threads)
+    import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
     import jax
     import numpy as np
 

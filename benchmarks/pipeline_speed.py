@@ -11,7 +11,7 @@ Prints one JSON line per figure:
     .peer/bin/pip ...   # see ../shared/peers/README.md for the peer's venv
     python benchmarks/pipeline_speed.py --images 2000 --epochs 2 --repeats 3
 """
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (contrastive_cli before numpy/jax: see runtime.tune_malloc)
 
 import argparse
 import json

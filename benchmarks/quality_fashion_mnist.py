@@ -8,7 +8,7 @@ reference, against raw pixels and a randomly initialised encoder. One JSON line 
     apt-get install dataset-fashion-mnist      # once (a real image set, MIT licence)
     python benchmarks/quality_fashion_mnist.py --minutes 10 --losses ntxent cosine
 """
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (contrastive_cli before numpy/jax: see runtime.tune_malloc)
 
 import argparse
 import gzip

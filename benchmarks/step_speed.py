@@ -50,7 +50,7 @@ def emit(**row):
 def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
     """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
     sys.path.insert(0, str(ROOT))
-    import contrastive_cli  # first: it tunes malloc before JAX starts threads (runtime.tune_malloc)
+    import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
     import jax
     import jax.numpy as jnp
 

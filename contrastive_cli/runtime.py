@@ -88,7 +88,7 @@ def prefer_eigen_convolutions() -> bool:
 
         if not version("jaxlib").startswith(EIGEN_FLAG_JAXLIB):
             return False
-    except Exception:  # no jaxlib metadata: leave XLA alone
+    except ImportError:  # no jaxlib metadata (PackageNotFoundError): leave XLA alone
         return False
     if "jax" in sys.modules:
         from jax._src import xla_bridge
