@@ -23,24 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(encoder: str, pairs: int) -> None:
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
     import jax
-    import numpy as np
 
-    from contrastive_cli import train
     from contrastive_cli.config import ModelConfig, TrainConfig
-    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
     from contrastive_cli.runtime import enable_compilation_cache
+    from step_speed import build  # the same step, state and images as the speed benchmark
 
     enable_compilation_cache()  # CONTRASTIVE_CACHE_DIR, set by the driver
-    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs)
-    mesh = data_mesh()
-    tx = train.make_optimizer(cfg)
-    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
-    step = train.make_step(cfg, graphdef, tx, mesh)
-    r = train.working_size(32)
-    images = jax.device_put(np.zeros((pairs, r, r, 3), np.uint8), batch_sharding(mesh))
+    step, state, images = build(TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs))
     t0 = time.perf_counter()
     lowered = step.lower(state, images)
     t1 = time.perf_counter()

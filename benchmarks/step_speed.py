@@ -46,6 +46,22 @@ def emit(**row):
     print(json.dumps(row), flush=True)
 
 
+def build(cfg):
+    """The jitted train step as pretrain builds it, its first state, and a batch of random uint8 images."""
+    import jax
+
+    from contrastive_cli import train
+    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
+
+    mesh = data_mesh()
+    tx = train.make_optimizer(cfg)
+    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    step = train.make_step(cfg, graphdef, tx, mesh)
+    r = train.working_size(cfg.model.image_size)
+    host = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, r, r, 3), dtype=np.uint8)
+    return step, state, jax.device_put(host, batch_sharding(mesh))
+
+
 # ---- worker: one variant, one process --------------------------------------------------------
 def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
     """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
@@ -54,20 +70,13 @@ def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from contrastive_cli import augment, fastconv, train
+    from contrastive_cli import augment, fastconv
     from contrastive_cli.config import ModelConfig, TrainConfig
-    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
     # SGD as the peer; the optimizer barely moves step time.
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
                       precision=precision)
-    mesh = data_mesh()
-    tx = train.make_optimizer(cfg)
-    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
-    step = train.make_step(cfg, graphdef, tx, mesh)
-    r = train.working_size(cfg.model.image_size)
-    host = np.random.default_rng(0).integers(0, 256, (pairs, r, r, 3), dtype=np.uint8)
-    images = jax.device_put(host, batch_sharding(mesh))
+    step, state, images = build(cfg)
     before = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
     convs = step.lower(state, images).as_text().count("stablehlo.convolution")
     t = time.perf_counter()
