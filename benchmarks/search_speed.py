@@ -97,10 +97,10 @@ def child(case: str, file: str, n: int, budget: float) -> dict:
 
     import jax
 
-    from contrastive_cli import search
+    from contrastive_cli import embfile, search
 
     if case == "topk_norelease":  # what streaming through a memmap costs without dropping its pages
-        search._release = lambda *a: None
+        embfile.release = lambda *a: None
     x = np.load(file, mmap_mode="r")[:n]
     q = queries(x)
     jax.numpy.zeros(1).block_until_ready()

@@ -9,23 +9,20 @@ column blocks, so memory is bounded by the chunk size whatever N is. Inputs may 
 """
 from __future__ import annotations
 
-import ctypes
-import json
-import mmap
-import sys
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .embfile import DTYPES, block, full_path, load_embeddings, row_of_path
 from .errors import InputError
 
 CHUNK = 4096  # rows per streamed block: a [CHUNK, CHUNK] float32 score block is 64 MiB
 QUERY_CHUNK = 1024  # queries per pass over the embeddings in top_k
-DTYPES = ("float32", "float16")
 
 Progress = Callable[[int, int], None]
 
@@ -37,94 +34,7 @@ class DuplicateGroup(NamedTuple):
     scores: np.ndarray  # float32 [G]
 
 
-# --- loading ------------------------------------------------------------------------------------
-
-def load_embeddings(path: Path) -> tuple[np.ndarray, dict]:
-    """Open X.npy memory-mapped (nothing is read yet) with its index X.json; check they agree.
-
-    Returns (array [N, D] float16/float32, read-only memmap, index dict). Raises InputError for a
-    missing or unreadable file, a missing or mismatched index, a non-2-D array or a wrong dtype.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"embeddings not found: {path}" if not path.exists() else f"not a file: {path}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"cannot read {path} as a .npy array ({e}); expected a file written by `contrastive embed`")
-    if array.ndim != 2:
-        raise InputError(f"{path} has shape {tuple(array.shape)}; expected a 2-D [N, D] array of embeddings")
-    if array.dtype.name not in DTYPES:
-        raise InputError(f"{path} has dtype {array.dtype.name}; expected float32 or float16")
-    if 0 in array.shape:
-        raise InputError(f"{path} is empty (shape {tuple(array.shape)})")
-    ipath = path.with_suffix(".json")
-    if not ipath.is_file():
-        raise InputError(f"index {ipath} not found beside {path} (`contrastive embed` writes both)")
-    try:
-        index = json.loads(ipath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read index {ipath}: {e}")
-    if not isinstance(index, dict) or not isinstance(index.get("paths"), list):
-        raise InputError(f"index {ipath} has no \"paths\" list (row i of the embeddings is paths[i])")
-    n, d = array.shape
-    if len(index["paths"]) != n:
-        raise InputError(f"index {ipath} lists {len(index['paths'])} paths but {path} has {n} rows; "
-                         f"were they written by different `embed` runs?")
-    if index.get("dim", d) != d:
-        raise InputError(f"index {ipath} says dim {index['dim']} but {path} has {d} columns")
-    if index.get("dtype", array.dtype.name) != array.dtype.name:
-        raise InputError(f"index {ipath} says dtype {index['dtype']} but {path} holds {array.dtype.name}")
-    return array, index
-
-
-def row_of_path(index: dict, path: str | Path) -> int:
-    """The row of `path`: as written in the index (relative to its root), or any path to that file."""
-    paths = index["paths"]
-    lookup = {p: i for i, p in enumerate(paths)}
-    key = Path(path).as_posix()
-    if key in lookup:
-        return lookup[key]
-    if index.get("root"):
-        try:
-            rel = Path(path).resolve().relative_to(Path(index["root"]).resolve()).as_posix()
-        except ValueError:
-            rel = None
-        if rel in lookup:
-            return lookup[rel]
-    raise InputError(f"{path} is not in the index ({len(paths)} paths under {index.get('root', '?')})")
-
-
-# --- streaming ----------------------------------------------------------------------------------
-
-def _block(x: np.ndarray, start: int, size: int) -> np.ndarray:
-    """Rows [start, start + size) of x as an owned array, zero-padded to `size` rows (the compiled shape)."""
-    rows = np.array(x[start:start + size])  # a copy: the memmap's pages can be let go at once
-    _release(x, start, start + len(rows))
-    if len(rows) < size:
-        rows = np.concatenate([rows, np.zeros((size - len(rows), x.shape[1]), rows.dtype)])
-    return rows
-
-
-def _release(x: np.ndarray, start: int, stop: int) -> None:
-    """Drop a read-only memmap's pages for rows [start, stop) from this process.
-
-    Pages of a file mapping count in the process's resident memory once touched; streaming a 1M-row
-    file would otherwise end with the whole file resident. They stay in the OS page cache, so reading
-    them again costs a minor fault, not disk I/O. Only read-only file mappings: there dropping a page
-    can never lose data.
-    """
-    if not (sys.platform.startswith("linux") and isinstance(x, np.memmap) and x.mode == "r"
-            and x.flags.c_contiguous and stop > start):
-        return
-    page = mmap.PAGESIZE
-    row_bytes = x.shape[1] * x.itemsize
-    lo = x.ctypes.data + start * row_bytes
-    hi = x.ctypes.data + stop * row_bytes
-    lo -= lo % page  # whole pages only; a shared page refaults from the file if touched again
-    # best effort: a failure only leaves the pages resident
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
-
+# --- top k -------------------------------------------------------------------------------------
 
 def _as_queries(q: np.ndarray, d: int) -> np.ndarray:
     q = np.asarray(q)
@@ -175,11 +85,11 @@ def top_k(queries: np.ndarray, embeddings: np.ndarray, k: int, *, chunk: int = C
     out_s = np.empty((len(queries), k), np.float32)
     out_i = np.empty((len(queries), k), np.int64)
     for q0 in range(0, len(queries), qc):
-        q = jax.device_put(_block(queries, q0, qc))  # on the device once, for every chunk
+        q = jax.device_put(block(queries, q0, qc))  # on the device once, for every chunk
         best_s = jnp.full((qc, k), -jnp.inf, jnp.float32)
         best_i = jnp.full((qc, k), -1, jnp.int32)  # JAX's default int; N < 2**31
         for start in range(0, n, c):
-            best_s, best_i = _top_k_step(best_s, best_i, q, _block(embeddings, start, c), start,
+            best_s, best_i = _top_k_step(best_s, best_i, q, block(embeddings, start, c), start,
                                          min(c, n - start), k=k)
         m = min(qc, len(queries) - q0)
         out_s[q0:q0 + m] = np.asarray(best_s)[:m]
@@ -188,7 +98,7 @@ def top_k(queries: np.ndarray, embeddings: np.ndarray, k: int, *, chunk: int = C
 
 
 @jax.jit
-def _pair_block(a, b, row0, col0, n_rows, n_cols, threshold, upper):
+def _pairblock(a, b, row0, col0, n_rows, n_cols, threshold, upper):
     """Scores of block a x b, -inf where padding, below threshold, or (upper) not strictly above the diagonal."""
     s = _scores(a, b)  # [R, C]
     gi = row0 + jnp.arange(a.shape[0])[:, None]
@@ -208,7 +118,7 @@ def duplicate_pairs(embeddings: np.ndarray, threshold: float, *, other: np.ndarr
     the upper triangle of blocks without `other`); a block's scores leave the device only when it
     holds a hit. `on_progress(blocks_done, blocks_total)` is called after each block.
     """
-    n, d = embeddings.shape
+    d = embeddings.shape[1]
     if chunk < 1:
         raise InputError(f"chunk size must be positive, not {chunk}")
     if not -1.0 <= threshold <= 1.0:
@@ -229,12 +139,12 @@ def _pairs(rows, cols, t, upper, chunk, on_progress):
     total = len(row_starts) * (len(row_starts) + 1) // 2 if upper else len(row_starts) * len(col_starts)
     done = 0
     for r0 in row_starts:
-        a = jax.device_put(_block(rows, r0, rc))
+        a = jax.device_put(block(rows, r0, rc))
         for c0 in col_starts:
             if upper and c0 < r0:
                 continue  # lower triangle: the pair was seen as (j, i)
-            b = a if (upper and c0 == r0) else _block(cols, c0, cc)
-            s, hits = _pair_block(a, b, r0, c0, min(rc, n - r0), min(cc, m - c0), t, upper)
+            b = a if (upper and c0 == r0) else block(cols, c0, cc)
+            s, hits = _pairblock(a, b, r0, c0, min(rc, n - r0), min(cc, m - c0), t, upper)
             done += 1
             if int(hits):
                 s = np.asarray(s)
@@ -304,10 +214,6 @@ def _flatten(parent: np.ndarray) -> np.ndarray:
 
 # --- the commands' twins ------------------------------------------------------------------------
 
-def _full_path(index: dict, rel: str) -> str:
-    return str(Path(index["root"]) / rel) if index.get("root") else rel
-
-
 def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: str | Path | None = None,
               image: Path | None = None, model: Path | None = None) -> dict:
     """The k nearest rows of EMB.npy to one query: an indexed row, an indexed path, or an image file.
@@ -341,7 +247,7 @@ def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: st
         self_row = row_of_path(index, path) if path is not None else row
         if not 0 <= self_row < n:
             raise InputError(f"row {self_row} is out of range: {embeddings_path} has {n} rows (0..{n - 1})")
-        q, label = np.asarray(x[self_row:self_row + 1], np.float32), _full_path(index, index["paths"][self_row])
+        q, label = np.asarray(x[self_row:self_row + 1], np.float32), full_path(index, index["paths"][self_row])
     available = n if self_row is None else n - 1
     if available == 0:
         raise InputError(f"{embeddings_path} holds no row besides the query")
@@ -354,7 +260,7 @@ def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: st
     return {
         "query": {"row": self_row, "path": label},
         "model": used_model or index.get("model"),
-        "neighbors": [{"rank": r + 1, "row": int(i), "path": _full_path(index, index["paths"][i]),
+        "neighbors": [{"rank": r + 1, "row": int(i), "path": full_path(index, index["paths"][i]),
                        "cosine": float(s)} for r, (i, s) in enumerate(zip(rows, scores))],
         "warnings": warnings,
     }
@@ -372,7 +278,7 @@ def find_duplicates(embeddings_path: Path, threshold: float, *, cross: Path | No
     out = {"threshold": threshold, "rows": int(x.shape[0]), "warnings": []}
     if cross is None:
         groups = duplicate_groups(x, threshold, chunk=chunk, on_progress=on_progress)
-        out["groups"] = [{"group": g, "members": [{"row": int(r), "path": _full_path(index, index["paths"][r]),
+        out["groups"] = [{"group": g, "members": [{"row": int(r), "path": full_path(index, index["paths"][r]),
                                                   "score": float(s)} for r, s in zip(*group)]}
                          for g, group in enumerate(groups, 1)]
         return out
@@ -385,6 +291,6 @@ def find_duplicates(embeddings_path: Path, threshold: float, *, cross: Path | No
     i, j, s = found if found else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
     order = np.lexsort((j, i, -s))  # best first; ties in row order
     out["other_rows"] = int(y.shape[0])
-    out["pairs"] = [{"row": int(i[t]), "path": _full_path(index, index["paths"][i[t]]), "other_row": int(j[t]),
-                     "other_path": _full_path(other, other["paths"][j[t]]), "score": float(s[t])} for t in order]
+    out["pairs"] = [{"row": int(i[t]), "path": full_path(index, index["paths"][i[t]]), "other_row": int(j[t]),
+                     "other_path": full_path(other, other["paths"][j[t]]), "score": float(s[t])} for t in order]
     return out
