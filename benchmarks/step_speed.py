@@ -17,7 +17,8 @@ the same model and batch, views concatenated as our step does (its pure mode has
     python benchmarks/step_speed.py --peer-args="" --peer-args="--views separate" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
-(runtime.tune_malloc), e.g. `plain-fast`. Without flags the tool's own XLA flags apply
+(runtime.tune_malloc), e.g. `plain-fast`; a `+separate` suffix on the kind runs the two views
+through the encoder one at a time (`--views separate`), e.g. `fast+separate`. Without flags the tool's own XLA flags apply
 (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults (YNNPACK convolutions):
 
     python benchmarks/step_speed.py --variants fast fast:default native:default
@@ -63,7 +64,7 @@ def build(cfg):
 
 
 # ---- worker: one variant, one process --------------------------------------------------------
-def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
+def worker(encoder: str, pairs: int, precision: str, views: str, update_path: str) -> None:
     """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
     sys.path.insert(0, str(ROOT))
     import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
@@ -75,7 +76,7 @@ def worker(encoder: str, pairs: int, precision: str, update_path: str) -> None:
 
     # SGD as the peer; the optimizer barely moves step time.
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
-                      precision=precision)
+                      precision=precision, views=views)
     step, state, images = build(cfg)
     before = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
     convs = step.lower(state, images).as_text().count("stablehlo.convolution")
@@ -107,15 +108,19 @@ class Worker:
         kind, _, flags = variant.partition(":")
         plain = kind.startswith("plain-")
         kind = kind.removeprefix("plain-")
+        kind, _, views = kind.partition("+")
         if kind not in ("fast", "native"):
             raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
+        if views not in ("", "separate"):
+            raise SystemExit(f"variant {variant!r}: the only suffix is +separate")
         env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0",
                    XLA_FLAGS="" if flags == "default" else flags,
                    CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
                    CONTRASTIVE_MALLOC_TUNING="0" if plain else "1")
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", encoder, str(pairs), precision, str(self.update_path)],
+            [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "concat",
+             str(self.update_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.info = self._read()
         if self.info.get("fast") != (kind == "fast"):
@@ -219,8 +224,8 @@ def run(encoder: str, pairs: int, a, tmp: Path, peak: float) -> None:
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        encoder, pairs, precision, update_path = sys.argv[2:6]
-        return worker(encoder, int(pairs), precision, update_path)
+        encoder, pairs, precision, views, update_path = sys.argv[2:7]
+        return worker(encoder, int(pairs), precision, views, update_path)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=["small:256", "resnet18:64", "resnet18:256"],
                    help="encoder:pairs_per_step")

@@ -10,7 +10,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,6 +48,11 @@ class Optimizer(str, Enum):
 class Precision(str, Enum):
     float32 = "float32"
     bf16 = "bf16"
+
+
+class Views(str, Enum):
+    concat = "concat"
+    separate = "separate"
 
 
 class DType(str, Enum):
@@ -95,7 +100,7 @@ def _run(fn, *args, **kwargs):
 @app.command()
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; labels not needed).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory. Default: a new folder under ./runs/.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory. Default: a new folder under ./runs/.")] = None,
     steps: Annotated[int, typer.Option(callback=_range(0, None), help="Training steps (one batch each). Give this or --epochs.")] = 0,
     epochs: Annotated[int, typer.Option(callback=_range(0, None), help=f"Passes over the folder. Default: {TrainConfig.DEFAULT_EPOCHS} when --steps is not given.")] = 0,
     time_budget: Annotated[float, typer.Option("--time-budget", callback=_range(0.0, None), help="Train for this many minutes of wall-clock time instead (the step count and learning-rate schedule follow the measured speed).")] = 0.0,
@@ -109,17 +114,18 @@ def pretrain(
     weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
     precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision.float32,
+    views: Annotated[Views, typer.Option(help="How the two views go through the encoder: concat (one pass, BatchNorm statistics over both views, as SimCLR) or separate (one pass per view, statistics per view, as lightly's examples; faster for resnet18 on CPU, see BENCHMARKS.md).")] = Views.concat,
     log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,
     checkpoint_every: Annotated[int, typer.Option(callback=_range(0, None), help="Save a checkpoint every N steps (0: at the end only).")] = 0,
-    eval_folder: Annotated[Optional[Path], typer.Option("--eval-folder", help="Labeled folder (one subfolder per class): log the kNN accuracy of the current encoder on it (`knn` in metrics.jsonl) every --eval-every steps and at the end.")] = None,
+    eval_folder: Annotated[Path | None, typer.Option("--eval-folder", help="Labeled folder (one subfolder per class): log the kNN accuracy of the current encoder on it (`knn` in metrics.jsonl) every --eval-every steps and at the end.")] = None,
     eval_every: Annotated[int, typer.Option("--eval-every", callback=_range(0, None), help="Steps between kNN probes on --eval-folder (0: at the end only).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint (its config.json is used).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in --output.")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep decoded images in the user cache directory, so later runs on the folder skip decoding.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    coordinator: Annotated[Optional[str], typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
-    num_processes: Annotated[Optional[int], typer.Option(callback=_range(1, None), help="Multi-process training: how many processes (with --coordinator).")] = None,
-    process_id: Annotated[Optional[int], typer.Option(callback=_range(0, None), help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
+    coordinator: Annotated[str | None, typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
+    num_processes: Annotated[int | None, typer.Option(callback=_range(1, None), help="Multi-process training: how many processes (with --coordinator).")] = None,
+    process_id: Annotated[int | None, typer.Option(callback=_range(0, None), help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
     crop_min_scale: Annotated[float, typer.Option("--crop-min-scale", callback=_range(0.01, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Smallest crop, as a fraction of the image area.")] = AugmentConfig.crop_scale[0],
     flip_p: Annotated[float, typer.Option("--flip-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of a horizontal flip.")] = AugmentConfig.flip_p,
     jitter_p: Annotated[float, typer.Option("--jitter-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of colour jitter.")] = AugmentConfig.jitter_p,
@@ -145,7 +151,7 @@ def pretrain(
                 saturation=0.8 * jitter_strength, hue=0.2 * jitter_strength, gray_p=gray_p, blur_p=blur_p),
             batch_size=batch_size, steps=steps, epochs=epochs, time_budget=time_budget, loss=loss.value, temperature=temperature,
             optimizer=optimizer.value, lr=lr, weight_decay=weight_decay, seed=seed,
-            precision=precision.value, log_every=log_every, checkpoint_every=checkpoint_every,
+            precision=precision.value, views=views.value, log_every=log_every, checkpoint_every=checkpoint_every,
             eval_folder=str(eval_folder.resolve()) if eval_folder else "", eval_every=eval_every)
 
     cfg = _run(build)
@@ -222,10 +228,10 @@ def _csv(header: list[str], rows: list[list]) -> None:
 @app.command()
 def neighbors(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
-    query: Annotated[Optional[Path], typer.Option("--query", help="Image file to embed and search for.")] = None,
-    row: Annotated[Optional[int], typer.Option("--row", callback=_range(0, None), help="Search for row I of the embeddings (itself left out).")] = None,
-    path: Annotated[Optional[str], typer.Option("--path", help="Search for an indexed image: its path as in the index, or a path to the file (itself left out).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Run directory that embeds --query. Default: the model named in the index.")] = None,
+    query: Annotated[Path | None, typer.Option("--query", help="Image file to embed and search for.")] = None,
+    row: Annotated[int | None, typer.Option("--row", callback=_range(0, None), help="Search for row I of the embeddings (itself left out).")] = None,
+    path: Annotated[str | None, typer.Option("--path", help="Search for an indexed image: its path as in the index, or a path to the file (itself left out).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Run directory that embeds --query. Default: the model named in the index.")] = None,
     k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Number of neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: rank,row,path,cosine.")] = False,
@@ -258,7 +264,7 @@ def neighbors(
 def duplicates(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
     threshold: Annotated[float, typer.Option("--threshold", "-t", callback=_range(-1.0, 1.0), help="Cosine at or above which two images count as near-duplicates; depends on the model, so check a few pairs with `neighbors` first.")],
-    cross: Annotated[Optional[Path], typer.Option("--cross", help="Second embeddings file: list pairs between the two sets instead of groups within one.")] = None,
+    cross: Annotated[Path | None, typer.Option("--cross", help="Second embeddings file: list pairs between the two sets instead of groups within one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (the default).")] = False,
 ) -> None:
@@ -300,10 +306,10 @@ def duplicates(
 
 @app.command()
 def evaluate(
-    folder: Annotated[Optional[Path], typer.Argument(help="Labeled folder: one subfolder per class. Split per class into train/test.")] = None,
+    folder: Annotated[Path | None, typer.Argument(help="Labeled folder: one subfolder per class. Split per class into train/test.")] = None,
     model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")] = None,
-    train: Annotated[Optional[Path], typer.Option("--train", help="Labeled training folder (instead of splitting FOLDER).")] = None,
-    test: Annotated[Optional[Path], typer.Option("--test", help="Labeled test folder (with --train).")] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="Labeled training folder (instead of splitting FOLDER).")] = None,
+    test: Annotated[Path | None, typer.Option("--test", help="Labeled test folder (with --train).")] = None,
     test_fraction: Annotated[float, typer.Option(callback=_range(0.01, 0.99), help="Share of each class held out for testing.")] = 0.2,
     k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Neighbours that vote in kNN.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the split and the linear probe.")] = 0,
@@ -336,7 +342,7 @@ def evaluate(
 @app.command()
 def plot(
     run: Annotated[Path, typer.Argument(help="Run directory written by `contrastive pretrain`.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="PNG file to write. Default: RUN/metrics.png.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file to write. Default: RUN/metrics.png.")] = None,
 ) -> None:
     """Draw RUN/metrics.jsonl (loss, cosines, accuracy, emb_std, effective rank, lr over steps) to a PNG."""
     from .plot import plot_metrics

@@ -16,6 +16,7 @@ ENCODERS = ("small", "resnet18")
 LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "bf16")
+VIEWS = ("concat", "separate")
 
 # ImageNet statistics: the normalisation SimCLR and lightly use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,6 +104,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     seed: int = 0
     precision: str = "float32"
+    # concat: one encoder pass over both views, BatchNorm statistics over both (SimCLR's global BN);
+    # separate: one pass per view, statistics per view (lightly's examples).
+    views: str = "concat"
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (and on interruption)
     keep_checkpoints: int = 2
@@ -127,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.views not in VIEWS:
+            raise ConfigError(f"unknown views {self.views!r}; choose one of {', '.join(VIEWS)}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature {self.temperature} must be positive")
         if self.lr < 0 or self.weight_decay < 0:

@@ -64,12 +64,14 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
         base_key = jax.random.key(cfg.seed + 1)
         key = jax.random.fold_in(base_key, state["step"])  # a resumed run replays the same stream
         v1, v2 = augment.augment_views(images, key=key, cfg=cfg.augment, size=size)
-        x = jnp.concatenate([v1, v2])  # [2B, S, S, 3]: one encoder pass, BN statistics over both views
+        # concat: [2B, S, S, 3], one encoder pass, BN statistics over both views; separate: a pass
+        # (and BN statistics, and a BN running-average update) per view.
+        inputs = [jnp.concatenate([v1, v2])] if cfg.views == "concat" else [v1, v2]
 
         def objective(params):
             # Fresh Variable objects at this trace level: BatchNorm updates its statistics in place.
             model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["stats"]))
-            _, z = model(x, train=True)
+            z = jnp.concatenate([model(x, train=True)[1] for x in inputs])
             z1, z2 = jnp.split(z.astype(jnp.float32), 2)  # [B, D] each
             new_stats = nnx.state(model, nnx.BatchStat)
             scalars = {}

@@ -149,3 +149,43 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
     assert encoder.step == 1
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(encoder.params))
     assert [r["step"] for r in metrics(run)] == [1]
+
+
+def test_separate_views_take_one_encoder_pass_and_batchnorm_per_view(images):
+    """--views separate: the loss is NT-Xent of z1 = f(v1) and z2 = f(v2), two train-mode passes
+    with BatchNorm statistics of their own; concat (the default) normalises over both views."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from contrastive_cli import augment, losses
+    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
+    from contrastive_cli.step import init_state, make_step
+
+    mesh = data_mesh(jax.devices()[:1])
+    batch = jax.device_put(images.images[:8], batch_sharding(mesh))
+    got = {}
+    for views in ("separate", "concat"):
+        cfg = TrainConfig.tiny(model=ModelConfig(image_size=16), views=views)
+        tx = make_optimizer(cfg)
+        graphdef, state = init_state(cfg, tx, replicated(mesh))
+        params, stats = jax.tree.map(jnp.copy, (state["params"], state["stats"]))  # the step donates state
+        new, out = make_step(cfg, graphdef, tx, mesh)(state, batch)
+        got[views] = float(out["loss"])
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 1), 0)
+        v1, v2 = augment.augment_views(batch, key=key, cfg=cfg.augment, size=16)
+        model = nnx.merge(graphdef, params, stats)
+        if views == "separate":
+            z1, z2 = model(v1, train=True)[1], model(v2, train=True)[1]
+        else:
+            z1, z2 = jnp.split(model(jnp.concatenate([v1, v2]), train=True)[1], 2)
+        assert got[views] == pytest.approx(float(losses.nt_xent(z1, z2, cfg.temperature)), rel=1e-5)
+        # Each pass moves BatchNorm's running averages: the state holds the model's after both passes.
+        mean = lambda s: np.concatenate([np.ravel(x) for p, x in jax.tree_util.tree_leaves_with_path(s)  # noqa: E731
+                                         if "mean" in jax.tree_util.keystr(p)])
+        np.testing.assert_allclose(mean(new["stats"]), mean(nnx.state(model, nnx.BatchStat)), rtol=1e-5, atol=1e-6)
+    assert abs(got["separate"] - got["concat"]) > 1e-4  # the option changes what BatchNorm sees
+
+
+def test_views_must_be_concat_or_separate():
+    with pytest.raises(ConfigError, match="unknown views 'both'"):
+        TrainConfig.tiny(views="both")
