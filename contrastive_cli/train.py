@@ -179,6 +179,7 @@ def pretrain(
     proposal = None  # a new step total from the time budget, not yet agreed on
     stop = 0  # the signal that stops the run, once agreed on
     try:
+        loop_t0 = time.perf_counter()
         with SignalFlag() as flag:
             while step < total:
                 tw = time.perf_counter()
@@ -244,6 +245,7 @@ def pretrain(
                     raise TrainingInterrupted(
                         f"stopped by {name} after step {step}; checkpoint saved, continue with: "
                         f"contrastive pretrain {folder} --output {output} --resume", stop)
+            loop_s = time.perf_counter() - loop_t0  # the steps alone: no set-up, final save or plot
             if step > start and mngr.latest_step() != step:
                 check.raise_if_diverged(mngr=mngr, output=output, cfg=cfg)
                 checkpoint.save(mngr, step, state)
@@ -257,7 +259,7 @@ def pretrain(
     summary = dict(output=str(output), steps=step, resumed_from=start, images=len(data),
                    skipped=len(data.skipped), final_loss=loss, batch_size=cfg.batch_size,
                    encoder=cfg.model.encoder, loss=cfg.loss, compile_s=compile_s,
-                   wall_s=time.perf_counter() - t0, load_s=load_s, devices=mesh.devices.size,
+                   wall_s=time.perf_counter() - t0, load_s=load_s, loop_s=loop_s, devices=mesh.devices.size,
                    processes=jax.process_count())
     if primary:
         checkpoint.write_json_atomic(output / "summary.json", summary)
