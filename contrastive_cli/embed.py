@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jax
@@ -186,7 +186,7 @@ def embed_folder(
         "dtype": dtype,
         "normalized": True,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _save_npy_atomic(output, array)
     checkpoint.write_json_atomic(index_path(output), index)

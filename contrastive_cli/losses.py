@@ -17,7 +17,7 @@ view) instead of giving NaN, and its gradient stays finite. This is the same flo
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text()
 
 def quick_start_blocks():
     section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    return re.findall(r"```bash\n(.*?)\n```", section, re.DOTALL)
 
 
 def contrastive_commands(block):
