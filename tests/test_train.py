@@ -180,8 +180,10 @@ def test_separate_views_take_one_encoder_pass_and_batchnorm_per_view(images):
             z1, z2 = jnp.split(model(jnp.concatenate([v1, v2]), train=True)[1], 2)
         assert got[views] == pytest.approx(float(losses.nt_xent(z1, z2, cfg.temperature)), rel=1e-5)
         # Each pass moves BatchNorm's running averages: the state holds the model's after both passes.
-        mean = lambda s: np.concatenate([np.ravel(x) for p, x in jax.tree_util.tree_leaves_with_path(s)  # noqa: E731
-                                         if "mean" in jax.tree_util.keystr(p)])
+        def mean(s):
+            return np.concatenate([np.ravel(x) for p, x in jax.tree_util.tree_leaves_with_path(s)
+                                   if "mean" in jax.tree_util.keystr(p)])
+
         np.testing.assert_allclose(mean(new["stats"]), mean(nnx.state(model, nnx.BatchStat)), rtol=1e-5, atol=1e-6)
     assert abs(got["separate"] - got["concat"]) > 1e-4  # the option changes what BatchNorm sees
 
