@@ -18,8 +18,9 @@ the same model and batch, views concatenated as our step does (its pure mode has
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
 (runtime.tune_malloc), e.g. `plain-fast`; a `+separate` suffix on the kind runs the two views
-through the encoder one at a time (`--views separate`), e.g. `fast+separate`. Without flags the tool's own XLA flags apply
-(runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults (YNNPACK convolutions):
+through the encoder one at a time (`--views separate`), e.g. `fast+separate`. Without flags the
+tool's own XLA flags apply (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults
+(YNNPACK convolutions):
 
     python benchmarks/step_speed.py --variants fast fast:default native:default
 """
