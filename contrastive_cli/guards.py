@@ -87,16 +87,21 @@ class Budget:
     fifth of the time left after it, from the speed since the previous estimate, so a machine that
     gets busier or quieter mid-run still ends on time. (Fifths of the whole budget failed when
     loading and compiling took most of a short budget: all re-estimates fell on the next steps.)
-    The learning-rate schedule follows the total it sets (a late change moves the cosine's end).
+    It is also refined halfway to the total it last set: steps 2-4 can be slow (the first log
+    compiles the health metrics), and a total set from them was reached at a quarter of a 4-minute
+    budget at batch 32, before the first fifth. The learning-rate schedule follows the total it
+    sets (a late change moves the cosine's end).
     """
 
     CHECKPOINTS = 5  # re-estimates at 1/5, 2/5, ... of the time left after the first estimate
+    MIN_GAP = 16  # steps between halfway re-estimates (each waits for the step)
 
     def __init__(self, seconds: float, t0: float):
         self.seconds, self.t0 = seconds, t0
         self.mark = None  # (step, time) of the last estimate (first: after the compiled first step)
         self.next_check = 1  # the next fifth of the time left after the first estimate
         self.first_at = None  # seconds into the budget of the first estimate
+        self.planned = None  # the total last returned
 
     def update(self, step: int, start: int, out) -> int | None:
         """Called after each step: a new total step count, or None to keep the current one."""
@@ -107,21 +112,24 @@ class Budget:
         estimate = done == 4 or (done > 4 and self.first_at is not None and self.next_check < self.CHECKPOINTS
                                  and elapsed > self.first_at + (self.seconds - self.first_at) * self.next_check
                                  / self.CHECKPOINTS)
-        if not (first or estimate):
+        halfway = (self.planned is not None and done > 4
+                   and step - self.mark[0] >= max(self.MIN_GAP, (self.planned - self.mark[0]) // 2))
+        if not (first or estimate or halfway):
             return None
         jax.block_until_ready(out["loss"])
         now = time.perf_counter()
         if first:
             self.mark = (step, now)
             return None
-        if done > 4:
+        if done > 4 and estimate:
             self.next_check += 1
         else:
             self.first_at = now - self.t0
         per_step = (now - self.mark[1]) / max(1, step - self.mark[0])
         self.mark = (step, now)
         left = self.seconds - (now - self.t0) - 2 * per_step - 1.0  # keep time for the final save
-        return step + max(0, int(left / per_step))
+        self.planned = step + max(0, int(left / per_step))
+        return self.planned
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self.t0

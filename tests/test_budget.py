@@ -59,6 +59,17 @@ def test_budget_ends_on_time_when_the_compile_takes_most_of_it(monkeypatch):
     assert steps > 300
 
 
+def test_budget_uses_its_time_when_the_first_steps_are_slow(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(guards.time, "perf_counter", clock)
+    budget = guards.Budget(240.0, t0=0.0)
+    # Steps 2-4 slowed by a compile (the first log's health metrics), then 0.1 s steps: the first
+    # estimate is 5x too low; it used to end the run at ~60 s, before the first re-estimate.
+    steps = drive(budget, clock, lambda i: 10.0 if i == 0 else 0.5 if i < 4 else 0.1)
+    assert 230.0 <= clock.now <= 240.0, clock.now
+    assert steps > 2200
+
+
 def test_budget_stops_a_run_that_overruns(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(guards.time, "perf_counter", clock)
