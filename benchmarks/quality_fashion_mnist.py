@@ -83,7 +83,7 @@ def main() -> None:
     base = with_overrides(base, a.set)
     if not a.no_baselines:
         rnd = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=random_encoder(base))
-        report(model="random init", **{k: rnd[k] for k in ("knn", "linear", "n_train", "n_test")})
+        report(model="random init", **{k: rnd[k] for k in ("embed_grid", "dim", "knn", "linear", "n_train", "n_test")})
         report(model="raw pixels", knn=rnd["raw_knn"], linear=rnd["raw_linear"])
     for loss in a.losses:
         cfg = TrainConfig(**{**base.__dict__, "loss": loss})
@@ -92,9 +92,12 @@ def main() -> None:
         summary = pretrain(train_dir, cfg, run, force=True)
         res = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=load_encoder(run), raw=False)
         report(model=f"{a.encoder} {loss}", settings=a.set, budget_minutes=0 if a.steps else a.minutes,
-               steps=summary["steps"],
-               wall_s=round(summary["wall_s"]), knn=res["knn"], linear=res["linear"],
-               final_loss=summary["final_loss"])
+               steps=summary["steps"], wall_s=round(summary["wall_s"]), embed_grid=res["embed_grid"],
+               dim=res["dim"], knn=res["knn"], linear=res["linear"], final_loss=summary["final_loss"])
+        if res["embed_grid"] > 1:  # the same weights read out by global average pooling, for comparison
+            gap = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, raw=False,
+                           encoder=load_encoder(run, embed_grid=1))
+            report(model=f"{a.encoder} {loss}", embed_grid=1, dim=gap["dim"], knn=gap["knn"], linear=gap["linear"])
 
 
 def with_overrides(cfg, pairs: list[str]):

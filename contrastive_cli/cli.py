@@ -114,6 +114,7 @@ def pretrain(
     weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
     precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision.float32,
+    embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(1, None), help="Embeddings (embed, evaluate, similarity, search, the --eval-folder probe) average-pool the encoder's last feature map on a G x G grid: G*G times the features, keeping coarse layout (the kNN of Fashion-MNIST: 0.872 with 1, 0.886 with 2; BENCHMARKS.md). Training is the same whatever G: the projection head sees the global average. 1: global average pooling.")] = ModelConfig.embed_grid,
     views: Annotated[Views, typer.Option(help="How the two views go through the encoder: concat (one pass, BatchNorm statistics over both views, as SimCLR) or separate (one pass per view, statistics per view, as lightly's examples; faster for resnet18 on CPU, see BENCHMARKS.md).")] = Views.concat,
     log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,
     checkpoint_every: Annotated[int, typer.Option(callback=_range(0, None), help="Save a checkpoint every N steps (0: at the end only).")] = 0,
@@ -145,7 +146,7 @@ def pretrain(
 
     def build():
         return TrainConfig(
-            model=ModelConfig(encoder=encoder.value, image_size=image_size), augment=AugmentConfig(
+            model=ModelConfig(encoder=encoder.value, image_size=image_size, embed_grid=embed_grid), augment=AugmentConfig(
                 crop_scale=(crop_min_scale, 1.0), flip_p=flip_p, jitter_p=jitter_p,
                 brightness=0.8 * jitter_strength, contrast=0.8 * jitter_strength,
                 saturation=0.8 * jitter_strength, hue=0.2 * jitter_strength, gray_p=gray_p, blur_p=blur_p),
@@ -313,6 +314,7 @@ def evaluate(
     test_fraction: Annotated[float, typer.Option(callback=_range(0.01, 0.99), help="Share of each class held out for testing.")] = 0.2,
     k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Neighbours that vote in kNN.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the split and the linear probe.")] = 0,
+    embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(0, None), help="Pool the encoder's last feature map on a G x G grid for this evaluation (see pretrain --embed-grid). 0: the run's own.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """kNN and linear-probe accuracy of the encoder's embeddings on labeled images, against raw pixels."""
@@ -326,7 +328,7 @@ def evaluate(
     progress = console.DecodeProgress("embedding")
     try:
         result = _run(run_evaluate, folder, model, train_dir=train, test_dir=test, test_fraction=test_fraction,
-                      seed=seed, k=k, on_progress=progress)
+                      seed=seed, k=k, embed_grid=embed_grid, on_progress=progress)
     finally:
         progress.close()
     if as_json:

@@ -76,6 +76,9 @@ class ModelConfig:
     image_size: int = 32
     proj_hidden: int = 0  # 0: the encoder's feature width, as lightly's SimCLR sets it
     proj_dim: int = 128
+    # Embeddings pool the last feature map on an embed_grid x embed_grid grid (1: global average).
+    # Training never sees it: the projection head always takes the global average.
+    embed_grid: int = 1
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -84,6 +87,12 @@ class ModelConfig:
             raise ConfigError(f"image size {self.image_size} is too small; use at least 16 pixels")
         if self.proj_dim < 1 or self.proj_hidden < 0:
             raise ConfigError(f"projection sizes hidden={self.proj_hidden} dim={self.proj_dim} must be positive")
+        side = self.image_size
+        for _ in range(3):  # the encoders' last feature map: three stride-2 convs (models.feature_map_size)
+            side = -(-side // 2)
+        if not 1 <= self.embed_grid <= side:
+            raise ConfigError(f"embedding grid {self.embed_grid} must be between 1 and {side}, the side of the "
+                              f"encoder's last feature map at image size {self.image_size}")
 
 
 @dataclass(frozen=True)

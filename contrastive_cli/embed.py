@@ -7,6 +7,7 @@ shorter side resized to the model's image size and centre-cropped; no augmentati
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -46,15 +47,8 @@ class Encoder:
         self._mesh = data_mesh()
         n = self._mesh.devices.size
         self.batch_size = -(-self.batch_size // n) * n  # a multiple of the device count
-        graphdef, acfg = self.graphdef, self.cfg.augment
-
-        def forward(params, stats, images):
-            model = nnx.merge(graphdef, params, stats)
-            h, _ = model(augment.normalize(images, acfg), train=False)
-            return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
-
-        self._forward = jax.jit(forward, in_shardings=(replicated(self._mesh), replicated(self._mesh),
-                                                       batch_sharding(self._mesh)))
+        repl = replicated(self._mesh)
+        self._forward = jax.jit(unit_features(self.graphdef, self.cfg), in_shardings=(repl, repl, batch_sharding(self._mesh)))
 
     @property
     def image_size(self) -> int:
@@ -76,13 +70,31 @@ class Encoder:
         return out
 
 
-def load_encoder(run_dir: Path, *, batch_size: int = 128) -> Encoder:
-    """Rebuild the model from RUN/config.json and restore its latest checkpoint."""
+def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig):
+    """(params, stats, uint8 images [B, S, S, 3]) -> their embeddings [B, feature_dim], unit rows:
+    what `embed` writes and every kNN (evaluate, the pretrain probe) compares."""
+
+    def forward(params, stats, images):
+        model = nnx.merge(graphdef, params, stats)
+        h = model.embed(augment.normalize(images, cfg.augment), cfg.model.embed_grid)
+        return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+
+    return forward
+
+
+def load_encoder(run_dir: Path, *, batch_size: int = 128, embed_grid: int = 0) -> Encoder:
+    """Rebuild the model from RUN/config.json and restore its latest checkpoint.
+
+    `embed_grid` > 0 overrides the run's embedding grid (ModelConfig.embed_grid) for this encoder;
+    the weights do not depend on it.
+    """
     from .train import make_optimizer
 
     enable_compilation_cache()
     run_dir = Path(run_dir)
     cfg = checkpoint.read_config(run_dir)
+    if embed_grid:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_grid=embed_grid))
     tx = make_optimizer(cfg)
     graphdef, abstract = _abstract_state(cfg, tx)
     mngr = checkpoint.manager(run_dir, cfg.keep_checkpoints)

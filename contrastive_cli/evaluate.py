@@ -158,17 +158,19 @@ def evaluate(
     k: int = KNN_K,
     encoder: Encoder | None = None,
     raw: bool = True,
+    embed_grid: int = 0,
     on_progress=None,
 ) -> dict:
     """kNN and linear-probe accuracy of the run's encoder (and of raw pixels) on labeled images.
 
     Either `folder` (split per class with `test_fraction`, seeded) or `train_dir` and `test_dir`.
+    `embed_grid` > 0 overrides the run's embedding grid (see load_encoder).
     """
     if (folder is None) == (train_dir is None or test_dir is None):
         raise InputError("give a labeled folder, or both --train and --test folders")
     if not 0 < test_fraction < 1:
         raise InputError(f"test fraction {test_fraction} is not in (0, 1)")
-    encoder = encoder or load_encoder(run_dir)
+    encoder = encoder or load_encoder(run_dir, embed_grid=embed_grid)
     if folder is not None:
         feats, classes = labeled_features(encoder, folder, on_progress=on_progress)
         tr, te = stratified_split(feats.labels, test_fraction, seed=seed)
@@ -180,7 +182,8 @@ def evaluate(
     if len(classes) < 2:
         raise InputError(f"found {len(classes)} class subfolder; evaluation needs at least 2 classes")
     result = {
-        "model": str(encoder.run_dir), "step": encoder.step, "classes": len(classes),
+        "model": str(encoder.run_dir), "step": encoder.step, "embed_grid": encoder.cfg.model.embed_grid,
+        "dim": encoder.dim, "classes": len(classes),
         "n_train": len(a.labels), "n_test": len(b.labels), "k": k,
         "knn": knn_accuracy(a.emb, a.labels, b.emb, b.labels, k=k),
         "linear": linear_probe_accuracy(a.emb, a.labels, b.emb, b.labels, seed=seed),

@@ -77,10 +77,13 @@ class SmallCNN(nnx.Module):
         self.layers = nnx.List([ConvBNReLU(widths[i], widths[i + 1], strides[i], dtype=dtype, rngs=rngs)
                                 for i in range(4)])
 
-    def __call__(self, x, train: bool):
+    def feature_map(self, x, train: bool):
         for layer in self.layers:
             x = layer(x, train)
-        return x.astype(jnp.float32).mean(axis=(1, 2))  # [B, 256]
+        return x  # [B, H/8, W/8, 256]
+
+    def __call__(self, x, train: bool):
+        return self.feature_map(x, train).astype(jnp.float32).mean(axis=(1, 2))  # [B, 256]
 
 
 class BasicBlock(nnx.Module):
@@ -120,11 +123,14 @@ class ResNet18(nnx.Module):
             cin = cout
         self.blocks = nnx.List(blocks)
 
-    def __call__(self, x, train: bool):
+    def feature_map(self, x, train: bool):
         x = self.stem(x, train)
         for block in self.blocks:
             x = block(x, train)
-        return x.astype(jnp.float32).mean(axis=(1, 2))  # [B, 512]
+        return x  # [B, H/8, W/8, 512]
+
+    def __call__(self, x, train: bool):
+        return self.feature_map(x, train).astype(jnp.float32).mean(axis=(1, 2))  # [B, 512]
 
 
 ENCODERS = {"small": SmallCNN, "resnet18": ResNet18}
@@ -172,6 +178,34 @@ class SimCLRModel(nnx.Module):
         h = self.encoder(x, train)  # [B, F] float32
         return h, self.head(h, train)  # [B, F], [B, proj_dim]
 
+    def embed(self, x, grid: int = 1):
+        """The features `embed` writes (inference mode): the encoder's last feature map
+        average-pooled on a grid x grid grid, cells in row-major order -> [B, grid * grid * F]
+        float32. grid 1 is h, the global average the head is trained on (h is the mean of the cells)."""
+        return grid_pool(self.encoder.feature_map(x, False), grid)
+
+
+def grid_pool(fmap, grid: int):
+    """Adaptive average pooling of NHWC `fmap` to grid x grid cells (PyTorch's AdaptiveAvgPool2d
+    cell bounds: floor(i * H / grid) to ceil((i + 1) * H / grid)), flattened to [B, grid * grid * C]."""
+    _, h, w, _ = fmap.shape
+    fmap = fmap.astype(jnp.float32)
+    if grid == 1:
+        return fmap.mean(axis=(1, 2))
+    if grid > min(h, w):
+        raise ValueError(f"a {grid} x {grid} grid needs a feature map of at least that size, not {h} x {w}")
+    rows = [(i * h // grid, -(-(i + 1) * h // grid)) for i in range(grid)]
+    cols = [(j * w // grid, -(-(j + 1) * w // grid)) for j in range(grid)]
+    return jnp.concatenate([fmap[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols], axis=1)
+
+
+def feature_map_size(cfg: ModelConfig) -> int:
+    """Side of the encoders' last feature map: three stride-2 convs with padding 1, ceil(n / 2) each."""
+    n = cfg.image_size
+    for _ in range(3):
+        n = -(-n // 2)
+    return n
+
 
 def feature_dim(cfg: ModelConfig) -> int:
-    return ENCODERS[cfg.encoder].features
+    return ENCODERS[cfg.encoder].features * cfg.embed_grid**2

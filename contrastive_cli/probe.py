@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import augment
 from .cache import load_cached
 from .config import TrainConfig
 from .data import load_folder
+from .embed import unit_features
 from .errors import InputError
 from .evaluate import KNN_K, knn_accuracy, stratified_split
 from .mesh import batch_sharding, global_batch, local_rows, replicated
@@ -63,16 +62,9 @@ class KnnProbe:
         return len(self.labels)
 
     def _compile(self, graphdef: nnx.GraphDef, mesh):
-        acfg = self.cfg.augment
-
-        def forward(params, stats, images):
-            model = nnx.merge(graphdef, params, stats)
-            h, _ = model(augment.normalize(images, acfg), train=False)
-            return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)  # [B, F] unit rows
-
         repl = replicated(mesh)
         # Output replicated: every process gets all rows (process 0 scores them).
-        return jax.jit(forward, in_shardings=(repl, repl, batch_sharding(mesh)), out_shardings=repl)
+        return jax.jit(unit_features(graphdef, self.cfg), in_shardings=(repl, repl, batch_sharding(mesh)), out_shardings=repl)
 
     def embed(self, graphdef: nnx.GraphDef, mesh, params, stats) -> np.ndarray:
         """float32 [N, F] unit embeddings of the folder's images, row i <-> label i."""
