@@ -87,12 +87,17 @@ class ModelConfig:
             raise ConfigError(f"image size {self.image_size} is too small; use at least 16 pixels")
         if self.proj_dim < 1 or self.proj_hidden < 0:
             raise ConfigError(f"projection sizes hidden={self.proj_hidden} dim={self.proj_dim} must be positive")
+        if not 1 <= self.embed_grid <= self.feature_side:
+            raise ConfigError(f"embedding grid {self.embed_grid} must be between 1 and {self.feature_side}, the side "
+                              f"of the encoder's last feature map at image size {self.image_size}")
+
+    @property
+    def feature_side(self) -> int:
+        """Side of the encoders' last feature map: three stride-2 convs with padding 1, ceil(n / 2) each."""
         side = self.image_size
-        for _ in range(3):  # the encoders' last feature map: three stride-2 convs (models.feature_map_size)
+        for _ in range(3):
             side = -(-side // 2)
-        if not 1 <= self.embed_grid <= side:
-            raise ConfigError(f"embedding grid {self.embed_grid} must be between 1 and {side}, the side of the "
-                              f"encoder's last feature map at image size {self.image_size}")
+        return side
 
 
 @dataclass(frozen=True)

@@ -199,13 +199,5 @@ def grid_pool(fmap, grid: int):
     return jnp.concatenate([fmap[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols], axis=1)
 
 
-def feature_map_size(cfg: ModelConfig) -> int:
-    """Side of the encoders' last feature map: three stride-2 convs with padding 1, ceil(n / 2) each."""
-    n = cfg.image_size
-    for _ in range(3):
-        n = -(-n // 2)
-    return n
-
-
 def feature_dim(cfg: ModelConfig) -> int:
     return ENCODERS[cfg.encoder].features * cfg.embed_grid**2

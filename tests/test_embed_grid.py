@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
 from contrastive_cli.config import ConfigError, ModelConfig, TrainConfig
-from contrastive_cli.models import feature_map_size, grid_pool
+from contrastive_cli.models import grid_pool
 from contrastive_cli.train import init_state, make_optimizer
 from test_cli import write_images
 
@@ -46,7 +46,7 @@ def test_grid_cells_average_to_the_features_the_head_is_trained_on():
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     h, _ = model(x, train=False)
     cells = model.embed(x, 2)
-    assert cells.shape == (4, 4 * 256) and feature_map_size(cfg.model) == 4
+    assert cells.shape == (4, 4 * 256) and cfg.model.feature_side == 4
     np.testing.assert_allclose(np.asarray(cells).reshape(4, 4, 256).mean(axis=1), np.asarray(h), rtol=1e-4, atol=1e-5)
     assert not np.allclose(np.asarray(cells[:, :256]), np.asarray(h), atol=1e-3)  # a cell is not the average
     np.testing.assert_allclose(np.asarray(model.embed(x)), np.asarray(h), rtol=1e-6)
