@@ -2,24 +2,23 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_cli import write_images
 from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
 from contrastive_cli.config import ConfigError, ModelConfig, TrainConfig
 from contrastive_cli.models import grid_pool
 from contrastive_cli.train import init_state, make_optimizer
-from test_cli import write_images
 
 runner = CliRunner()
 
 
 def adaptive_avg_pool(a, g):
     """NumPy reference: PyTorch's AdaptiveAvgPool2d cell bounds, cells row-major, channels last."""
-    b, h, w, c = a.shape
+    _, h, w, _ = a.shape
     cells = []
     for i in range(g):
         for j in range(g):
