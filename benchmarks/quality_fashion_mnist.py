@@ -88,7 +88,8 @@ def main() -> None:
     for loss in a.losses:
         cfg = TrainConfig(**{**base.__dict__, "loss": loss})
         tag = "".join(f"-{kv.replace('augment.', '').replace(',', '_')}" for kv in a.set)
-        run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}{tag}"
+        batch = "" if a.batch_size == 256 else f"-b{a.batch_size}"  # 256: the names of older runs
+        run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}{batch}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}{tag}"
         summary = pretrain(train_dir, cfg, run, force=True)
         res = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=load_encoder(run), raw=False)
         report(model=f"{a.encoder} {loss}", settings=a.set, budget_minutes=0 if a.steps else a.minutes,
