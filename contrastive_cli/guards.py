@@ -121,10 +121,10 @@ class Budget:
         if first:
             self.mark = (step, now)
             return None
-        if done > 4 and estimate:
-            self.next_check += 1
-        else:
+        if done == 4:
             self.first_at = now - self.t0
+        elif estimate:
+            self.next_check += 1
         per_step = (now - self.mark[1]) / max(1, step - self.mark[0])
         self.mark = (step, now)
         left = self.seconds - (now - self.t0) - 2 * per_step - 1.0  # keep time for the final save

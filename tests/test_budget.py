@@ -68,6 +68,7 @@ def test_budget_uses_its_time_when_the_first_steps_are_slow(monkeypatch):
     steps = drive(budget, clock, lambda i: 10.0 if i == 0 else 0.5 if i < 4 else 0.1)
     assert 230.0 <= clock.now <= 240.0, clock.now
     assert steps > 2200
+    assert budget.first_at == 11.5  # the halfway re-estimates leave the fifths' origin alone
 
 
 def test_budget_stops_a_run_that_overruns(monkeypatch):
