@@ -83,7 +83,7 @@ class SmallCNN(nnx.Module):
         return x  # [B, H/8, W/8, 256]
 
     def __call__(self, x, train: bool):
-        return self.feature_map(x, train).astype(jnp.float32).mean(axis=(1, 2))  # [B, 256]
+        return grid_pool(self.feature_map(x, train), 1)  # [B, 256] float32
 
 
 class BasicBlock(nnx.Module):
@@ -130,7 +130,7 @@ class ResNet18(nnx.Module):
         return x  # [B, H/8, W/8, 512]
 
     def __call__(self, x, train: bool):
-        return self.feature_map(x, train).astype(jnp.float32).mean(axis=(1, 2))  # [B, 512]
+        return grid_pool(self.feature_map(x, train), 1)  # [B, 512] float32
 
 
 ENCODERS = {"small": SmallCNN, "resnet18": ResNet18}
