@@ -17,7 +17,8 @@ the same model and batch, views concatenated as our step does (its pure mode has
     python benchmarks/step_speed.py --peer-args="" --peer-args="--views separate" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
-(runtime.tune_malloc), e.g. `plain-fast`; a `+separate` suffix on the kind runs the two views
+(runtime.tune_malloc), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
+(winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; a `+separate` suffix on the kind runs the two views
 through the encoder one at a time (`--views separate`), e.g. `fast+separate`. Without flags the
 tool's own XLA flags apply (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults
 (YNNPACK convolutions):
@@ -109,6 +110,8 @@ class Worker:
         kind, _, flags = variant.partition(":")
         plain = kind.startswith("plain-")
         kind = kind.removeprefix("plain-")
+        nowino = kind.startswith("nowino-")
+        kind = kind.removeprefix("nowino-")
         kind, _, views = kind.partition("+")
         if kind not in ("fast", "native"):
             raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
@@ -117,7 +120,8 @@ class Worker:
         env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0",
                    XLA_FLAGS="" if flags == "default" else flags,
                    CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
-                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1")
+                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1",
+                   CONTRASTIVE_WINOGRAD="0" if nowino else "1")
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "concat",

@@ -10,6 +10,9 @@ convolutions on Eigen, which is fast for most parts; `_plan` then keeps only the
 win. The tool sets that flag by default (runtime.prefer_eigen_convolutions: ResNet-18's step
 1.3-1.4x). `benchmarks/conv_speed.py` measures each part against XLA's own.
 
+3x3 stride-1 convolutions of 128+ channels (ResNet-18's layers 2-4) go to `winograd.conv3x3`
+instead (see `winograd.applies`): fewer multiplies than any direct convolution.
+
 Models call `conv2d` only when `enabled()`: GPU and TPU keep XLA's native convolution, and
 `CONTRASTIVE_FAST_CONV=0` switches it off on CPU (for A/B timing).
 """
@@ -21,6 +24,8 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from . import winograd
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Patch bytes of one chunk of images: 2-8 MiB measured 1.5-3x faster than a whole-batch matrix.
@@ -53,6 +58,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 1
         raise ValueError(f"padding {padding!r} must be an int >= 0")
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
         raise ValueError(f"x {x.shape} (NHWC) and kernel {kernel.shape} (HWIO) do not match")
+    if winograd.applies(x.shape, kernel.shape, stride, padding, x.dtype):
+        return winograd.conv3x3(x, kernel)
     return _conv(x, kernel, stride, padding)
 
 
