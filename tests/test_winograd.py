@@ -59,6 +59,8 @@ def test_conv2d_uses_it_where_it_applies(monkeypatch):
     (((2, 8, 8, 128), (3, 3, 128, 64), 1, 0, jnp.float32), False),
     (((2, 8, 7, 128), (3, 3, 128, 64), 1, 1, jnp.float32), False),
     (((2, 8, 8, 64), (3, 3, 64, 64), 1, 1, jnp.float32), False),
+    (((128, 16, 16, 128), (3, 3, 128, 128), 1, 1, jnp.float32), True),  # 64 MiB of tiles
+    (((512, 16, 16, 128), (3, 3, 128, 128), 1, 1, jnp.float32), False),  # 256 MiB
 ])
 def test_applies_to_same_padded_stride_1_float32_3x3_of_128_channels_up(case, expected):
     assert winograd.applies(*case) is expected
