@@ -10,10 +10,10 @@ gradient, the input gradient 16 matmuls with the transformed kernel. Errors stay
 rounding (the transforms add, subtract and halve).
 
 `benchmarks/winograd_speed.py` times it against XLA's Eigen convolution (forward and both
-gradients, batch 128, 2 vCPUs, float32, 2026-11-29): 1.15x at 128 channels (16x16), 1.51x at 256
-(8x8), 1.42x at 512 (4x4); at 64 channels (32x32) it is slower (0.89x: the transforms move 4x the
+gradients, batch 128, 2 vCPUs, float32, 2026-11-29): 1.39x at 128 channels (16x16), 1.53x at 256
+(8x8), 1.43x at 512 (4x4); at 64 channels (32x32) it is slower (0.81x: the transforms move 4x the
 input through memory, and the [64, 64] weight-gradient matmuls run at ~60 GFLOP/s), so `applies`
-keeps it to 128 channels and up. The largest output difference is 1.8e-5 of the largest entry.
+keeps it to 128 channels and up. The largest output difference is 1.6e-5 of the largest entry.
 """
 from __future__ import annotations
 
