@@ -26,7 +26,8 @@ import numpy as np
 # Least input channels for which the transforms pay for themselves (see the module docstring).
 MIN_CHANNELS = 128
 # Most bytes of transformed input (16 x tiles x C float32): at batch 512, 16x16, 128 channels
-# (256 MiB) it measured 0.91-0.94x of XLA's convolution; 1.4x at 128 MiB (512 x 8x8 x 256).
+# (256 MiB) it measured 0.90-0.92x of XLA's convolution (1.07x in an earlier run of a previous
+# formulation); 1.41x at 128 MiB (512 x 8x8 x 256, that earlier run).
 MAX_TILE_BYTES = 128 * 2**20
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 
