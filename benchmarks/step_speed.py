@@ -17,8 +17,8 @@ the same model and batch, views concatenated as our step does (its pure mode has
     python benchmarks/step_speed.py --peer-args="" --peer-args="--views separate" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
-(runtime.tune_malloc), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
-(winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; a `+separate` suffix on the kind runs the two views
+(runtime.tune_malloc) and without huge pages (runtime.huge_pages_environ), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
+(winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; `nohuge-` runs without huge pages (malloc still tuned), e.g. `nohuge-fast`; a `+separate` suffix on the kind runs the two views
 through the encoder one at a time (`--views separate`), e.g. `fast+separate`. Without flags the
 tool's own XLA flags apply (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults
 (YNNPACK convolutions):
@@ -112,6 +112,8 @@ class Worker:
         kind = kind.removeprefix("plain-")
         nowino = kind.startswith("nowino-")
         kind = kind.removeprefix("nowino-")
+        nohuge = kind.startswith("nohuge-")
+        kind = kind.removeprefix("nohuge-")
         kind, _, views = kind.partition("+")
         if kind not in ("fast", "native"):
             raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
@@ -122,6 +124,10 @@ class Worker:
                    CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
                    CONTRASTIVE_MALLOC_TUNING="0" if plain else "1",
                    CONTRASTIVE_WINOGRAD="0" if nowino else "1")
+        if not (plain or nohuge):  # as `contrastive pretrain` runs: glibc asked for huge pages
+            from contrastive_cli.runtime import huge_pages_environ
+
+            env = huge_pages_environ(env) or env
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "concat",

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import console
+from . import console, runtime
 from .config import AugmentConfig, ModelConfig, TrainConfig
 from .errors import ContrastiveError
 
@@ -354,6 +354,7 @@ def plot(
 
 def main() -> None:
     """Console-script entry point."""
+    runtime.reexec_with_huge_pages()  # glibc reads its tunables only at start-up
     if os.environ.get("CONTRASTIVE_DEBUG"):
         app()
         return

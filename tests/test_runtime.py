@@ -1,4 +1,5 @@
-"""runtime.tune_malloc: a freed big buffer is reused, not faulted in from the kernel again."""
+"""runtime.tune_malloc: a freed big buffer is reused, not faulted in from the kernel again; huge
+pages by re-exec; the Eigen-convolution XLA flag."""
 import subprocess
 import sys
 
@@ -76,3 +77,53 @@ def test_a_jaxlib_the_flag_was_not_tested_with_gets_no_flag():
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "CONTRASTIVE_XLA_FLAGS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "''", "True"]
+
+
+# Re-exec with huge pages, then report the tunables and how much of a touched 64 MiB heap block
+# the kernel backs with huge pages (AnonHugePages of the process, in kB).
+HUGE_PROBE = """
+import ctypes, os
+from contrastive_cli import runtime
+runtime.tune_malloc()
+runtime.reexec_with_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+p = libc.malloc(2**26)
+ctypes.memset(p, 1, 2**26)
+huge = [int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
+print(os.environ.get("GLIBC_TUNABLES", "-"), huge[0] if huge else -1)
+"""
+
+
+def huge_pages(env: dict) -> tuple[str, int]:
+    env = {"PATH": "/usr/bin:/bin", **env}
+    out = subprocess.run([sys.executable, "-c", HUGE_PROBE], env=env, capture_output=True, text=True, check=True)
+    tunables, huge_kb = out.stdout.split()
+    return tunables, int(huge_kb)
+
+
+def runtime_glibc_2_35() -> bool:
+    from contrastive_cli import runtime
+    return runtime._glibc_at_least(2, 35)
+
+
+def _thp_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and runtime_glibc_2_35()), reason="glibc >= 2.35")
+def test_reexec_asks_glibc_for_huge_pages_once_and_respects_the_user():
+    tunables, huge_kb = huge_pages({})
+    assert tunables == "glibc.malloc.hugetlb=1"  # set once (a second exec would not change it)
+    if _thp_available():
+        assert huge_kb >= 32 * 1024  # most of the 64 MiB block is on 2 MiB pages
+    plain_tunables, plain_kb = huge_pages({"CONTRASTIVE_MALLOC_TUNING": "0"})
+    assert plain_tunables == "-"
+    assert plain_kb < huge_kb or not _thp_available()
+    assert huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})[0] == "glibc.malloc.hugetlb=0"
+    kept = huge_pages({"GLIBC_TUNABLES": "glibc.malloc.check=0"})[0]
+    assert kept == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
