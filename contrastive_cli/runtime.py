@@ -72,9 +72,8 @@ def huge_pages_environ(environ=None) -> dict | None:
     With it, glibc asks the kernel for transparent huge pages (madvise) on the heap that
     `tune_malloc` serves every block from: XLA's step streams through activations of 16-256 MiB,
     and 2 MiB pages spare it most TLB misses. Whole train step with it over without (steps
-    interleaved, 2 vCPUs, BENCHMARKS.md): ResNet-18 1.20x (256 pairs) and 1.04x (64), small CNN
-    1.17x and 1.04x in two runs; identical results. glibc reads
-    tunables only at process start, hence `reexec_with_huge_pages`. None on other systems, with
+    interleaved, 2 vCPUs, BENCHMARKS.md): ResNet-18 1.20x and 1.32x (256 pairs), 1.04x (64); small
+    CNN 1.17x, 1.04x and 0.94x (mixed); identical results. glibc reads tunables only at process start, hence `reexec_with_huge_pages`. None on other systems, with
     CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything about hugetlb.
     """
     environ = dict(os.environ if environ is None else environ)
