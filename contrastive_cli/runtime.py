@@ -59,22 +59,32 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # One arena: blocks freed by XLA's threads are reused by the others; no mmap for big blocks;
-    # never trim the heap's top (the largest value mallopt takes).
-    return all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    # trim the heap's top only past 2 GiB free (the largest value mallopt takes), unless a
+    # trim_threshold tunable is set (huge_pages_environ: never), which mallopt would override.
+    settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0)]
+    if "glibc.malloc.trim_threshold" not in os.environ.get("GLIBC_TUNABLES", ""):
+        settings.append((_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(mallopt(p, v) == 1 for p, v in settings)
 
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# Never hand the heap's top back. mallopt's trim threshold stops at 2 GiB; ResNet-18's step at 256
+# pairs frees more than that at its end, so glibc returned it and the next step faulted it back in,
+# 2 MiB page by page (compacting memory when it was short): with the peer running beside it, 11.1
+# pairs/s, and 17.8 with this tunable (benchmarks/step_speed.py, BENCHMARKS.md).
+NEVER_TRIM = "glibc.malloc.trim_threshold=1099511627776"
 
 
 def huge_pages_environ(environ=None) -> dict | None:
-    """`environ` plus GLIBC_TUNABLES=glibc.malloc.hugetlb=1, or None where it does not apply.
+    """`environ` plus GLIBC_TUNABLES with HUGE_PAGES and NEVER_TRIM, or None where it does not apply.
 
     With it, glibc asks the kernel for transparent huge pages (madvise) on the heap that
     `tune_malloc` serves every block from: XLA's step streams through activations of 16-256 MiB,
     and 2 MiB pages spare it most TLB misses. Whole train step with it over without (steps
     interleaved, 2 vCPUs, BENCHMARKS.md): ResNet-18 1.20x and 1.32x (256 pairs), 1.04x (64); small
     CNN 1.17x, 1.04x and 0.94x (mixed); identical results. glibc reads tunables only at process start, hence `reexec_with_huge_pages`. None on other systems, with
-    CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything about hugetlb.
+    CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything about hugetlb; a
+    trim_threshold the user set is kept.
     """
     environ = dict(os.environ if environ is None else environ)
     if environ.get("CONTRASTIVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
@@ -82,7 +92,8 @@ def huge_pages_environ(environ=None) -> dict | None:
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables or not _glibc_at_least(2, 35):  # the tunable's first release
         return None
-    environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+    ours = [t for t in (HUGE_PAGES, NEVER_TRIM) if t.partition("=")[0] not in tunables]
+    environ["GLIBC_TUNABLES"] = ":".join([tunables, *ours] if tunables else ours)
     return environ
 
 

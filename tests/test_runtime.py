@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from contrastive_cli.runtime import HUGE_PAGES, NEVER_TRIM
+
 # malloc, fill and free a 64 MiB block three times (as XLA does a step's buffers); print the page
 # faults of the last two.
 PROBE = """
@@ -79,8 +81,9 @@ def test_a_jaxlib_the_flag_was_not_tested_with_gets_no_flag():
     assert out.split() == ["False", "''", "True"]
 
 
-# Re-exec with huge pages, then report the tunables and how much of a touched 64 MiB heap block
-# the kernel backs with huge pages (AnonHugePages of the process, in kB).
+# Re-exec with huge pages, then report the tunables, how much of a touched 64 MiB heap block the
+# kernel backs with huge pages (AnonHugePages of the process, in kB), and the resident memory (kB)
+# left after touching and freeing a 2.5 GiB block: one more than mallopt's largest trim threshold.
 HUGE_PROBE = """
 import ctypes, os
 from contrastive_cli import runtime
@@ -88,18 +91,27 @@ runtime.tune_malloc()
 runtime.reexec_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 p = libc.malloc(2**26)
 ctypes.memset(p, 1, 2**26)
 huge = [int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
-print(os.environ.get("GLIBC_TUNABLES", "-"), huge[0] if huge else -1)
+big = libc.malloc(5 * 2**29)
+ctypes.memset(big, 1, 5 * 2**29)
+libc.free(big)
+rss = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")]
+print(os.environ.get("GLIBC_TUNABLES", "-"), huge[0] if huge else -1, rss[0])
 """
 
 
 def huge_pages(env: dict) -> tuple[str, int]:
+    return probe(env)[:2]
+
+
+def probe(env: dict) -> tuple[str, int, int]:
     env = {"PATH": "/usr/bin:/bin", **env}
     out = subprocess.run([sys.executable, "-c", HUGE_PROBE], env=env, capture_output=True, text=True, check=True)
-    tunables, huge_kb = out.stdout.split()
-    return tunables, int(huge_kb)
+    tunables, huge_kb, rss_kb = out.stdout.split()
+    return tunables, int(huge_kb), int(rss_kb)
 
 
 def runtime_glibc_2_35() -> bool:
@@ -117,13 +129,19 @@ def _thp_available() -> bool:
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and runtime_glibc_2_35()), reason="glibc >= 2.35")
 def test_reexec_asks_glibc_for_huge_pages_once_and_respects_the_user():
-    tunables, huge_kb = huge_pages({})
-    assert tunables == "glibc.malloc.hugetlb=1"  # set once (a second exec would not change it)
+    tunables, huge_kb, rss_kb = probe({})
+    assert tunables == f"{HUGE_PAGES}:{NEVER_TRIM}"  # set once (a second exec would not change it)
     if _thp_available():
         assert huge_kb >= 32 * 1024  # most of the 64 MiB block is on 2 MiB pages
     plain_tunables, plain_kb = huge_pages({"CONTRASTIVE_MALLOC_TUNING": "0"})
     assert plain_tunables == "-"
     assert plain_kb < huge_kb or not _thp_available()
+    # Freed memory stays in the process even past 2 GiB (ResNet-18 at 256 pairs frees more than that
+    # every step, and faulting it back in made the step 1.6x slower); untuned glibc gives it back.
+    assert rss_kb > 5 * 2**19
+    assert probe({"CONTRASTIVE_MALLOC_TUNING": "0"})[2] < 2**20
     assert huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})[0] == "glibc.malloc.hugetlb=0"
     kept = huge_pages({"GLIBC_TUNABLES": "glibc.malloc.check=0"})[0]
-    assert kept == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+    assert kept == f"glibc.malloc.check=0:{HUGE_PAGES}:{NEVER_TRIM}"
+    mine = huge_pages({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4096"})[0]
+    assert mine == f"glibc.malloc.trim_threshold=4096:{HUGE_PAGES}"
