@@ -5,21 +5,26 @@ on random uint8 images, small CNN and ResNet-18 at 32x32. Each variant is a work
 own (CONTRASTIVE_FAST_CONV and XLA_FLAGS are read before JAX starts); the driver asks the workers
 for one step each in turn, so machine load hits all variants alike, and reports medians. It also
 checks the variants compute the same step: the first step's loss and parameter update are compared
-with the first variant's. The peer then runs shared/peers/lightly_simclr_bench.py in its own venv on
-the same model and batch, views concatenated as our step does (its pure mode has no augmentation:
-`augment_s` is our step's share for it). One JSON line per figure; pairs/s = pairs of views per second.
+with the first variant's. The peer, shared/peers/lightly_simclr_bench.py in its own venv on the
+same model and batch, runs as workers too, one per --peer-args layout, asked for steps in the same
+turns (its model and step are the script's own code, executed up to its timing loop), so a load
+change between our runs and the peer's cannot make the ratio: the machine is shared and one step
+can take 1.3x another. Its pure mode has no augmentation: `augment_s` is our step's share for it.
+One JSON line per figure; pairs/s = pairs of views per second.
 
     python benchmarks/step_speed.py                       # small:256 resnet18:64 resnet18:256, fast vs native
     python benchmarks/step_speed.py --runs small:256 --steps 10
     python benchmarks/step_speed.py --runs small:256 --variants fast native \\
         "native:--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
     python benchmarks/step_speed.py --peer-args=--channels_last   # the peer's fastest small-CNN layout
-    python benchmarks/step_speed.py --peer-args="" --peer-args="--views separate" --peer-args=--channels_last
+    python benchmarks/step_speed.py --peer-args="" --peer-args="--views concat" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
 (runtime.tune_malloc) and without huge pages (runtime.huge_pages_environ), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
-(winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; `nohuge-` runs without huge pages (malloc still tuned), e.g. `nohuge-fast`; a `+separate` suffix on the kind runs the two views
-through the encoder one at a time (`--views separate`), e.g. `fast+separate`. Without flags the
+(winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
+default does (`--views separate`: one pass each) unless a suffix says `+concat` (one pass over
+both) or `+separate`, e.g. `fast+concat`. The peer gets its script's defaults (views separate) plus
+each --peer-args. Without flags the
 tool's own XLA flags apply (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults
 (YNNPACK convolutions):
 
@@ -78,7 +83,7 @@ def worker(encoder: str, pairs: int, precision: str, views: str, update_path: st
 
     # SGD as the peer; the optimizer barely moves step time.
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
-                      precision=precision, views=views)
+                      precision=precision, views=TrainConfig.views if views == "default" else views)
     step, state, images = build(cfg)
     before = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
     convs = step.lower(state, images).as_text().count("stablehlo.convolution")
@@ -88,7 +93,7 @@ def worker(encoder: str, pairs: int, precision: str, views: str, update_path: st
     first = time.perf_counter() - t
     after = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
     np.save(update_path, np.concatenate([(a - b).ravel() for a, b in zip(after, before)]))
-    reply = dict(ready=True, first_s=first, convs=convs, loss=loss, fast=fastconv.enabled())
+    reply = {"ready": True, "first_s": first, "convs": convs, "loss": loss, "fast": fastconv.enabled()}
     print(json.dumps(reply), flush=True)
     aug = jax.jit(lambda im, key: jnp.concatenate(augment.augment_views(im, key=key, cfg=cfg.augment, size=32)))
     for line in sys.stdin:
@@ -105,37 +110,10 @@ def worker(encoder: str, pairs: int, precision: str, views: str, update_path: st
 
 
 # ---- driver ----------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, variant: str, encoder: str, pairs: int, precision: str, tmp: Path):
-        kind, _, flags = variant.partition(":")
-        plain = kind.startswith("plain-")
-        kind = kind.removeprefix("plain-")
-        nowino = kind.startswith("nowino-")
-        kind = kind.removeprefix("nowino-")
-        nohuge = kind.startswith("nohuge-")
-        kind = kind.removeprefix("nohuge-")
-        kind, _, views = kind.partition("+")
-        if kind not in ("fast", "native"):
-            raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
-        if views not in ("", "separate"):
-            raise SystemExit(f"variant {variant!r}: the only suffix is +separate")
-        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0",
-                   XLA_FLAGS="" if flags == "default" else flags,
-                   CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
-                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1",
-                   CONTRASTIVE_WINOGRAD="0" if nowino else "1")
-        if not (plain or nohuge):  # as `contrastive pretrain` runs: glibc asked for huge pages
-            from contrastive_cli.runtime import huge_pages_environ
+class Process:
+    """A worker process answering one JSON line per command on stdin."""
 
-            env = huge_pages_environ(env) or env
-        self.update_path = tmp / f"update{abs(hash(variant))}.npy"
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "concat",
-             str(self.update_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        self.info = self._read()
-        if self.info.get("fast") != (kind == "fast"):
-            raise SystemExit(f"variant {variant!r}: worker reports fastconv.enabled() = {self.info.get('fast')}")
+    proc: subprocess.Popen
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -152,6 +130,40 @@ class Worker:
         self.proc.stdin.write("quit\n")
         self.proc.stdin.close()
         self.proc.wait()
+
+
+class Worker(Process):
+    def __init__(self, variant: str, encoder: str, pairs: int, precision: str, tmp: Path):
+        kind, _, flags = variant.partition(":")
+        plain = kind.startswith("plain-")
+        kind = kind.removeprefix("plain-")
+        nowino = kind.startswith("nowino-")
+        kind = kind.removeprefix("nowino-")
+        nohuge = kind.startswith("nohuge-")
+        kind = kind.removeprefix("nohuge-")
+        kind, _, views = kind.partition("+")
+        if kind not in ("fast", "native"):
+            raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
+        if views not in ("", "separate", "concat"):
+            raise SystemExit(f"variant {variant!r}: the suffix is +separate or +concat")
+        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0",
+                   XLA_FLAGS="" if flags == "default" else flags,
+                   CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
+                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1",
+                   CONTRASTIVE_WINOGRAD="0" if nowino else "1")
+        if not (plain or nohuge):  # as `contrastive pretrain` runs: glibc asked for huge pages
+            from contrastive_cli.runtime import huge_pages_environ
+
+            env = huge_pages_environ(env) or env
+        self.update_path = tmp / f"update{abs(hash(variant))}.npy"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "default",
+             str(self.update_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.info = self._read()
+        if self.info.get("fast") != (kind == "fast"):
+            raise SystemExit(f"variant {variant!r}: worker reports fastconv.enabled() = {self.info.get('fast')}")
+
 
 
 # FLOPs of one training pair (two views, forward and backward) by torch's FlopCounter on the peer's
@@ -179,13 +191,46 @@ def matmul_peak() -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def time_peer(model: str, batch: int, steps: int, extra: list[str]) -> dict:
-    cmd = [str(PEER_PY), str(PEER), "--model", model, "--batch", str(batch), "--steps", str(steps),
-           "--views", "concat", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"peer failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+# The peer script's model, loss, optimizer and step: its source up to its timing code, run as is.
+PEER_CUT = "\nif a.flops:"
+
+
+def peer_worker(argv: list[str]) -> None:
+    """In the peer's venv: build the peer script's model with `argv`, answer `step` and `quit`."""
+    src = PEER.read_text()
+    head, found, _ = src.partition(PEER_CUT)
+    if not found:
+        raise SystemExit(f"{PEER} has no {PEER_CUT.strip()!r} to cut its set-up at")
+    sys.argv = [str(PEER), *argv]
+    ns = {"__name__": "lightly_simclr_bench"}
+    exec(compile(head, str(PEER), "exec"), ns)  # noqa: S102  (the peer's own file, as its CLI would run it)
+    a, step = ns["a"], ns["step"]
+    x0, x1 = ns["rnd"]()
+    loss = float(step(x0, x1))  # first step: the script's warm-up (allocator, oneDNN primitives)
+    for _ in range(max(a.warmup - 1, 0)):
+        float(step(x0, x1))
+    info = {k: ns["info"][k] for k in ("views", "channels_last", "threads")}
+    print(json.dumps({"ready": True, "loss": loss, **info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            return
+        t = time.perf_counter()
+        float(step(x0, x1))
+        print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+
+
+class PeerWorker(Process):
+    """The peer in one layout (`extra`: the script's flags), as a worker answering `step`."""
+
+    def __init__(self, model: str, batch: int, extra: list[str], log: Path):
+        argv = ["--model", model, "--batch", str(batch), *extra]
+        with log.open("w") as err:  # a file, not a pipe: nobody reads it until something fails
+            self.proc = subprocess.Popen([str(PEER_PY), __file__, "--peer-worker", *argv], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"peer worker failed ({' '.join(argv)}):\n{log.read_text()[-2000:]}")
+        self.info = json.loads(line)
 
 
 def run(encoder: str, pairs: int, a, tmp: Path, peak: float) -> None:
@@ -193,47 +238,56 @@ def run(encoder: str, pairs: int, a, tmp: Path, peak: float) -> None:
     workers = {}
     for v in a.variants:  # one at a time: compiles do not compete
         workers[v] = Worker(v, encoder, pairs, a.precision, tmp)
+    peers = {}
+    if PEER_PY.exists() and not a.no_peer:
+        for extra in a.peer_args or [""]:  # each layout the peer is asked to try
+            peers[extra] = PeerWorker(encoder, pairs, extra.split(), tmp / f"peer{len(peers)}.log")
+    everyone = {**{("ours", v): w for v, w in workers.items()}, **{("peer", e): w for e, w in peers.items()}}
     try:
         aug = statistics.median(workers[a.variants[0]].ask("augment") for _ in range(3))
-        times = {v: [] for v in workers}
+        times = {k: [] for k in everyone}
         for _ in range(a.steps):
-            for v, w in workers.items():
-                times[v].append(w.ask("step"))
+            for k, w in everyone.items():
+                times[k].append(w.ask("step"))
     finally:
-        for w in workers.values():
+        for w in everyone.values():
             w.close()
+    ours = {v: pairs / statistics.median(times["ours", v]) for v in workers}
     base = a.variants[0]
     ref = np.load(workers[base].update_path)
     for v, w in workers.items():
         upd = np.load(w.update_path)
-        med = statistics.median(times[v])
         emit(what="step", encoder=encoder, pairs=pairs, precision=a.precision, variant=v,
-             pairs_s=round(pairs / med, 2), gflop_s=round(pairs / med * flop / 1e9, 1),
-             of_matmul_peak=round(pairs / med * flop / 1e9 / peak, 3),
-             speedup_vs_first=round(statistics.median(times[base]) / med, 3),
+             pairs_s=round(ours[v], 2), gflop_s=round(ours[v] * flop / 1e9, 1),
+             of_matmul_peak=round(ours[v] * flop / 1e9 / peak, 3),
+             speedup_vs_first=round(ours[v] / ours[base], 3),
              first_loss=w.info["loss"], loss_diff=abs(w.info["loss"] - workers[base].info["loss"]),
              update_max_diff=float(np.abs(upd - ref).max() / np.abs(ref).max()),  # of the largest entry
              update_l2_diff=float(np.linalg.norm(upd - ref) / np.linalg.norm(ref)),
              convs=w.info["convs"], first_step_s=round(w.info["first_s"], 1), augment_s=round(aug, 4),
-             step_times=[round(t, 3) for t in times[v]])
-    if PEER_PY.exists() and not a.no_peer:
-        best = max(pairs / statistics.median(t) for t in times.values())
-        peers = []
-        for extra in a.peer_args or [""]:  # each layout the peer is asked to try
-            peer = time_peer(encoder, pairs, max(a.steps, 3), extra.split())
-            peers.append(peer["imgs_per_s"])
-            emit(what="peer", encoder=encoder, pairs=pairs, pairs_s=round(peer["imgs_per_s"], 2),
-                 gflop_s=round(peer["imgs_per_s"] * flop / 1e9, 1),
-                 of_matmul_peak=round(peer["imgs_per_s"] * flop / 1e9 / peak, 3),
-                 views=peer["views"], channels_last=peer["channels_last"], threads=peer["threads"],
-                 best_ours_over_peer=round(best / peer["imgs_per_s"], 3),
-                 **{f"{v}_over_peer": round(pairs / statistics.median(t) / peer["imgs_per_s"], 3)
-                    for v, t in times.items()})
-        emit(what="ratio", encoder=encoder, pairs=pairs, best_ours=round(best, 2), best_peer=round(max(peers), 2),
-             best_ours_over_best_peer=round(best / max(peers), 3))
+             step_times=[round(t, 3) for t in times["ours", v]])
+    if peers:
+        best = max(ours.values())
+        theirs = {e: pairs / statistics.median(times["peer", e]) for e in peers}
+        for e, w in peers.items():
+            emit(what="peer", encoder=encoder, pairs=pairs, args=e, pairs_s=round(theirs[e], 2),
+                 gflop_s=round(theirs[e] * flop / 1e9, 1), of_matmul_peak=round(theirs[e] * flop / 1e9 / peak, 3),
+                 views=w.info["views"], channels_last=w.info["channels_last"], threads=w.info["threads"],
+                 first_loss=w.info["loss"], best_ours_over_peer=round(best / theirs[e], 3),
+                 **{f"{v}_over_peer": round(ours[v] / theirs[e], 3) for v in workers},
+                 step_times=[round(t, 3) for t in times["peer", e]])
+        best_v, best_e = max(ours, key=ours.get), max(theirs, key=theirs.get)
+        # Each turn's ratio too (the two ran seconds apart): its spread shows the noise left in the medians.
+        turns = [p / o for p, o in zip(times["peer", best_e], times["ours", best_v])]
+        emit(what="ratio", encoder=encoder, pairs=pairs, best_ours=round(best, 2), best_variant=best_v,
+             best_peer=round(theirs[best_e], 2), best_peer_args=best_e,
+             best_ours_over_best_peer=round(best / theirs[best_e], 3),
+             turn_ratios=[round(r, 3) for r in turns], median_turn_ratio=round(statistics.median(turns), 3))
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--peer-worker":
+        return peer_worker(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         encoder, pairs, precision, views, update_path = sys.argv[2:7]
         return worker(encoder, int(pairs), precision, views, update_path)
