@@ -83,9 +83,10 @@ def test_a_jaxlib_the_flag_was_not_tested_with_gets_no_flag():
 
 # Re-exec with huge pages, then report the tunables, how much of a touched 64 MiB heap block the
 # kernel backs with huge pages (AnonHugePages of the process, in kB), and the resident memory (kB)
-# left after touching and freeing a 2.5 GiB block: one more than mallopt's largest trim threshold.
+# left after touching and freeing a 2.5 GiB block (more than mallopt's largest trim threshold;
+# only when asked: `big` on the command line).
 HUGE_PROBE = """
-import ctypes, os
+import ctypes, os, sys
 from contrastive_cli import runtime
 runtime.tune_malloc()
 runtime.reexec_with_huge_pages()
@@ -95,21 +96,23 @@ libc.free.argtypes = [ctypes.c_void_p]
 p = libc.malloc(2**26)
 ctypes.memset(p, 1, 2**26)
 huge = [int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
-big = libc.malloc(5 * 2**29)
-ctypes.memset(big, 1, 5 * 2**29)
-libc.free(big)
+if "big" in sys.argv:
+    big = libc.malloc(5 * 2**29)
+    ctypes.memset(big, 1, 5 * 2**29)
+    libc.free(big)
 rss = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")]
 print(os.environ.get("GLIBC_TUNABLES", "-"), huge[0] if huge else -1, rss[0])
 """
 
 
 def huge_pages(env: dict) -> tuple[str, int]:
-    return probe(env)[:2]
+    return probe(env, big=False)[:2]
 
 
-def probe(env: dict) -> tuple[str, int, int]:
+def probe(env: dict, big: bool = True) -> tuple[str, int, int]:
     env = {"PATH": "/usr/bin:/bin", **env}
-    out = subprocess.run([sys.executable, "-c", HUGE_PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", HUGE_PROBE, *(["big"] if big else [])], env=env,
+                         capture_output=True, text=True, check=True)
     tunables, huge_kb, rss_kb = out.stdout.split()
     return tunables, int(huge_kb), int(rss_kb)
 
