@@ -22,8 +22,8 @@ One JSON line per figure; pairs/s = pairs of views per second.
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
 (runtime.tune_malloc) and without huge pages (runtime.huge_pages_environ), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
 (winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
-default does (`--views separate`: one pass each) unless a suffix says `+concat` (one pass over
-both) or `+separate`, e.g. `fast+concat`. The peer gets its script's defaults (views separate) plus
+default does (TrainConfig.views: `concat`, one pass over both) unless a suffix says `+separate`
+(one pass each) or `+concat`, e.g. `fast+separate`. The peer gets its script's defaults (views separate) plus
 each --peer-args. Without flags the
 tool's own XLA flags apply (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults
 (YNNPACK convolutions):
@@ -163,7 +163,6 @@ class Worker(Process):
         self.info = self._read()
         if self.info.get("fast") != (kind == "fast"):
             raise SystemExit(f"variant {variant!r}: worker reports fastconv.enabled() = {self.info.get('fast')}")
-
 
 
 # FLOPs of one training pair (two views, forward and backward) by torch's FlopCounter on the peer's
