@@ -4,8 +4,11 @@ For every conv shape of the small CNN (batch 512 = 256 pairs, two views concaten
 ResNet-18 with the small-image stem (batch 128), at 32x32 input, times the forward, the input
 gradient and the weight gradient of both implementations (each jitted alone: XLA drops the
 gradient that is not asked for), interleaved so machine load hits both alike, median of --repeats.
-GFLOP/s count 2*N*Ho*Wo*kh*kw*C*O for every part. The `net` rows weight each shape by its count in
-the network: the share of a train step's conv time each implementation needs.
+GFLOP/s count 2*N*Ho*Wo*kh*kw*C*O for every part; `speedup` is native time / fast time. The `net`
+rows weight each shape by its count in the network: the share of a train step's conv time each
+implementation needs, and (`best`) the faster of the two for every part. With half the batch as
+pairs, `best` bounds the train step's speed from above: pairs/s with everything but the
+convolutions (BatchNorm, ReLU, augmentation, loss, update) free.
 
     python benchmarks/conv_speed.py                      # both networks, ~5 min on 2 vCPUs
     python benchmarks/conv_speed.py --net small --repeats 5
@@ -119,12 +122,13 @@ def main():
     print(f"# backend {jax.default_backend()}, {os.cpu_count()} CPUs, jax {jax.__version__}, {a.dtype}, "
           f"median of {a.repeats}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"loadavg {os.getloadavg()[0]:.1f}")
-    print(f"{'layer':22s} {'N':>4s} {'part':12s} {'native':>8s} {'fast':>8s} {'ratio':>6s}  GFLOP/s")
+    print(f"{'layer':22s} {'N':>4s} {'part':12s} {'native':>8s} {'fast':>8s} {'speedup':>7s}  (GFLOP/s, GFLOP/s, time ratio)")
     nets = {"small": SMALL, "resnet18": RESNET18}
     for net in (("small", "resnet18") if a.net == "both" else (a.net,)):
-        totals = {"native": 0.0, "fast": 0.0}
+        totals = {"native": 0.0, "fast": 0.0, "best": 0.0}
+        batch = 0
         for name, count, n, h, c, o, k, stride in nets[net]:
-            n = a.batch or n
+            n = batch = a.batch or n
             secs, flops = bench_layer(n, h, c, o, k, stride, dtype, a.repeats)
             for part in PARTS:
                 if part == "input-grad" and c == 3:
@@ -132,10 +136,13 @@ def main():
                 tn, tf = secs["native", part], secs["fast", part]
                 totals["native"] += count * tn
                 totals["fast"] += count * tf
-                print(f"{name:22s} {n:4d} {part:12s} {flops / tn / 1e9:8.1f} {flops / tf / 1e9:8.1f} {tn / tf:6.2f}",
+                totals["best"] += count * min(tn, tf)
+                print(f"{name:22s} {n:4d} {part:12s} {flops / tn / 1e9:8.1f} {flops / tf / 1e9:8.1f} {tn / tf:7.2f}",
                       flush=True)
         print(f"{'net ' + net:22s} {'':4s} {'conv seconds':12s} {totals['native']:8.3f} {totals['fast']:8.3f} "
-              f"{totals['native'] / totals['fast']:6.2f}  (loadavg {os.getloadavg()[0]:.1f})", flush=True)
+              f"{totals['native'] / totals['fast']:7.2f}  (loadavg {os.getloadavg()[0]:.1f})", flush=True)
+        print(f"{'net ' + net:22s} {'':4s} {'best of both':12s} {totals['best']:8.3f} s: at most "
+              f"{batch / 2 / totals['best']:.0f} pairs/s with the rest of the step free", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ One JSON line per figure; pairs/s = pairs of views per second.
     python benchmarks/step_speed.py --peer-args="" --peer-args="--views concat" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
-(runtime.tune_malloc) and without huge pages (runtime.huge_pages_environ), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
+(runtime.tune_malloc) and without huge pages (runtime.malloc_tunables_environ), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
 (winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
 default does (TrainConfig.views: `concat`, one pass over both) unless a suffix says `+separate`
 (one pass each) or `+concat`, e.g. `fast+separate`. The peer gets its script's defaults (views separate) plus
@@ -152,9 +152,9 @@ class Worker(Process):
                    CONTRASTIVE_MALLOC_TUNING="0" if plain else "1",
                    CONTRASTIVE_WINOGRAD="0" if nowino else "1")
         if not (plain or nohuge):  # as `contrastive pretrain` runs: glibc asked for huge pages
-            from contrastive_cli.runtime import huge_pages_environ
+            from contrastive_cli.runtime import malloc_tunables_environ
 
-            env = huge_pages_environ(env) or env
+            env = malloc_tunables_environ(env) or env
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "default",

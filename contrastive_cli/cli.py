@@ -354,7 +354,7 @@ def plot(
 
 def main() -> None:
     """Console-script entry point."""
-    runtime.reexec_with_huge_pages()  # glibc reads its tunables only at start-up
+    runtime.reexec_with_malloc_tunables()  # glibc reads its tunables only at start-up
     if os.environ.get("CONTRASTIVE_DEBUG"):
         app()
         return

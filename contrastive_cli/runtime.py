@@ -60,7 +60,7 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # One arena: blocks freed by XLA's threads are reused by the others; no mmap for big blocks;
     # trim the heap's top only past 2 GiB free (the largest value mallopt takes), unless a
-    # trim_threshold tunable is set (huge_pages_environ: never), which mallopt would override.
+    # trim_threshold tunable is set (malloc_tunables_environ: never), which mallopt would override.
     settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0)]
     if "glibc.malloc.trim_threshold" not in os.environ.get("GLIBC_TUNABLES", ""):
         settings.append((_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -75,16 +75,17 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 NEVER_TRIM = "glibc.malloc.trim_threshold=1099511627776"
 
 
-def huge_pages_environ(environ=None) -> dict | None:
+def malloc_tunables_environ(environ=None) -> dict | None:
     """`environ` plus GLIBC_TUNABLES with HUGE_PAGES and NEVER_TRIM, or None where it does not apply.
 
-    With it, glibc asks the kernel for transparent huge pages (madvise) on the heap that
-    `tune_malloc` serves every block from: XLA's step streams through activations of 16-256 MiB,
-    and 2 MiB pages spare it most TLB misses. Whole train step with it over without (steps
-    interleaved, 2 vCPUs, BENCHMARKS.md): ResNet-18 1.20x and 1.32x (256 pairs), 1.04x (64); small
-    CNN 1.17x, 1.04x and 0.94x (mixed); identical results. glibc reads tunables only at process start, hence `reexec_with_huge_pages`. None on other systems, with
-    CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything about hugetlb; a
-    trim_threshold the user set is kept.
+    With it, glibc never hands the heap's top back (NEVER_TRIM, above) and asks the kernel for
+    transparent huge pages (madvise) on the heap that `tune_malloc` serves every block from: XLA's
+    step streams through activations of 16-256 MiB, and 2 MiB pages spare it most TLB misses. Whole
+    train step with huge pages over without (steps interleaved, 2 vCPUs, BENCHMARKS.md): ResNet-18
+    1.20x and 1.32x (256 pairs), 1.04x (64); small CNN 1.17x, 1.04x and 0.94x (mixed); identical
+    results. glibc reads tunables only at process start, hence `reexec_with_malloc_tunables`. None
+    on other systems, with CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything
+    about hugetlb; a trim_threshold the user set is kept.
     """
     environ = dict(os.environ if environ is None else environ)
     if environ.get("CONTRASTIVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
@@ -97,10 +98,10 @@ def huge_pages_environ(environ=None) -> dict | None:
     return environ
 
 
-def reexec_with_huge_pages() -> None:
-    """Run this process again from the start with `huge_pages_environ()`, if it applies (once:
+def reexec_with_malloc_tunables() -> None:
+    """Run this process again from the start with `malloc_tunables_environ()`, if it applies (once:
     the new process finds the tunable set). For the console entry point, before any work."""
-    environ = huge_pages_environ()
+    environ = malloc_tunables_environ()
     if environ is not None:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)

@@ -89,7 +89,7 @@ HUGE_PROBE = """
 import ctypes, os, sys
 from contrastive_cli import runtime
 runtime.tune_malloc()
-runtime.reexec_with_huge_pages()
+runtime.reexec_with_malloc_tunables()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
