@@ -1,11 +1,16 @@
-"""How long the train step takes to compile: first time, and again from the persistent cache.
+"""How long until the train step runs: first time, and again with the caches a first run filled.
 
 Each measurement is a fresh process (what a user sees when they run `contrastive pretrain` again):
-it builds the step as pretrain does, then times tracing + lowering and XLA's compile separately.
-Run 1 uses an empty compilation cache, run 2 the cache run 1 filled. One JSON line per run.
+it makes the step as pretrain does (`make_s`: stepcache.make_cached_step loads the exported step
+from disk, or traces and exports it), lowers it (`lower_s`: tracing, or only a call to the loaded
+program) and compiles it (`compile_s`: XLA, or a load from JAX's compilation cache); `ready_s` is
+the three together. Run 1 has empty caches (JAX's compilation
+cache and the step cache), run 2 the caches run 1 filled. `--step-cache off` measures
+the same with CONTRASTIVE_STEP_CACHE=0 (tracing every run; the compilation cache still works).
+One JSON line per run.
 
     python benchmarks/compile_time.py                          # small:256 resnet18:256
-    python benchmarks/compile_time.py --runs small:256 --repeats 3
+    python benchmarks/compile_time.py --runs resnet18:64 --step-cache on off --repeats 3
 """
 from __future__ import annotations
 
@@ -19,51 +24,65 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(encoder: str, pairs: int) -> None:
-    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    sys.path[:0] = [str(ROOT)]
     import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
     import jax
 
+    from contrastive_cli import train
     from contrastive_cli.config import ModelConfig, TrainConfig
+    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
     from contrastive_cli.runtime import enable_compilation_cache
-    from step_speed import build  # the same step, state and images as the speed benchmark
+    from contrastive_cli.stepcache import make_cached_step
 
     enable_compilation_cache()  # CONTRASTIVE_CACHE_DIR, set by the driver
-    step, state, images = build(TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs))
+    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs)
+    mesh = data_mesh()
+    tx = train.make_optimizer(cfg)
+    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    r = train.working_size(cfg.model.image_size)
+    host = np.random.default_rng(0).integers(0, 256, (pairs, r, r, 3), dtype=np.uint8)
+    images = jax.device_put(host, batch_sharding(mesh))
     t0 = time.perf_counter()
-    lowered = step.lower(state, images)
+    step = make_cached_step(cfg, graphdef, tx, mesh, state, jax.ShapeDtypeStruct(images.shape, images.dtype))
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    lowered = step.lower(state, images)
     t2 = time.perf_counter()
-    jax.block_until_ready(compiled(state, images))
+    compiled = lowered.compile()
     t3 = time.perf_counter()
-    print(json.dumps({"lower_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": t3 - t0}))
+    assert compiled is not None
+    print(json.dumps({"ready_s": t3 - t0, "make_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=["small:256", "resnet18:256"], help="encoder:pairs")
     p.add_argument("--repeats", type=int, default=2, help="cold/warm pairs per run, each with a fresh cache")
+    p.add_argument("--step-cache", nargs="+", choices=("on", "off"), default=["on"],
+                   help="stepcache on (the tool's default) and/or off (CONTRASTIVE_STEP_CACHE=0)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a.worker[0], int(a.worker[1]))
     for spec in a.runs:
         encoder, _, pairs = spec.partition(":")
-        found: dict[str, list[dict]] = {"cold": [], "cached": []}
+        found = {(sc, kind): [] for sc in a.step_cache for kind in ("cold", "cached")}
         for _ in range(a.repeats):
-            with tempfile.TemporaryDirectory() as cache:
-                env = dict(os.environ, CONTRASTIVE_CACHE_DIR=cache)
-                for kind in ("cold", "cached"):
-                    out = subprocess.run([sys.executable, __file__, "--worker", encoder, pairs or "256"], env=env,
-                                         capture_output=True, text=True, check=True)
-                    found[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        for kind, rows in found.items():
+            for sc in a.step_cache:  # alternated, so that load changes hit both alike
+                with tempfile.TemporaryDirectory() as cache:
+                    env = dict(os.environ, CONTRASTIVE_CACHE_DIR=cache, CONTRASTIVE_STEP_CACHE="1" if sc == "on" else "0")
+                    for kind in ("cold", "cached"):
+                        out = subprocess.run([sys.executable, __file__, "--worker", encoder, pairs or "256"], env=env,
+                                             capture_output=True, text=True, check=True)
+                        found[sc, kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for (sc, kind), rows in found.items():
             row = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
-            print(json.dumps({"encoder": encoder, "pairs": int(pairs or 256), "cache": kind, **row,
+            print(json.dumps({"encoder": encoder, "pairs": int(pairs or 256), "step_cache": sc, "cache": kind, **row,
                               "runs": len(rows), "loadavg": round(os.getloadavg()[0], 2)}), flush=True)
 
 

@@ -50,7 +50,17 @@ def working_size(image_size: int) -> int:
 
 
 def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh):
-    """The jitted step: (state, uint8 images [B, R, R, 3]) -> (state, outputs).
+    """The jitted step: (state, uint8 images [B, R, R, 3]) -> (state, outputs), donating the state.
+
+    `step_function`'s step with the state replicated over `mesh` and the batch split over it.
+    """
+    repl, batch = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(step_function(cfg, graphdef, tx), in_shardings=(repl, batch), out_shardings=(repl, repl),
+                   donate_argnums=0)
+
+
+def step_function(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """The train step, not yet jitted: (state, uint8 images [B, R, R, 3]) -> (state, outputs).
 
     Outputs: loss and lr of this step, the projections z1, z2 [B, D], and `finite`: the loss and
     the new state are all finite (a state that is not is never saved); with a loss that learns its
@@ -93,5 +103,4 @@ def make_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransf
                 finite &= jnp.all(jnp.isfinite(leaf))
         return new, {"loss": loss, "lr": lr, "z1": z1, "z2": z2, "finite": finite, **scalars}
 
-    repl, batch = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(repl, batch), out_shardings=(repl, repl), donate_argnums=0)
+    return step

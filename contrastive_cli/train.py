@@ -32,6 +32,7 @@ from .probe import KnnProbe
 from .rundir import default_run_dir, prepare_run_dir, truncate_metrics
 from .runtime import enable_compilation_cache
 from .step import compute_dtype, init_state, make_step, working_size
+from .stepcache import make_cached_step
 
 # Re-exported: the train module is where callers look for the step's pieces.
 __all__ = ["pretrain", "Monitor", "TrainingDiverged", "TrainingInterrupted", "learning_rate", "lr_at",
@@ -160,7 +161,9 @@ def pretrain(
         monitor.warn(f"{output} already finished all {total} steps; nothing to do")
     budget = Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not (resume and start) else None
 
-    step_fn = make_step(cfg, graphdef, tx, mesh)
+    # Traced once per config and code version, then loaded from disk (stepcache.py).
+    batch = jax.ShapeDtypeStruct((cfg.batch_size, *data.images.shape[1:]), data.images.dtype)
+    step_fn = make_cached_step(cfg, graphdef, tx, mesh, state, batch)
     metrics_fn = jax.jit(health.batch_metrics)
     monitor.start(dict(output=str(output), images=len(data), skipped=len(data.skipped), steps=total,
                        start=start, batch_size=cfg.batch_size, devices=mesh.devices.size,

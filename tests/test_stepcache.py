@@ -1,0 +1,107 @@
+"""The exported train step on disk: the same step as a traced one, loaded without tracing, keyed by
+what shapes it, and traced again when its file is bad."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from contrastive_cli import augment, stepcache, train
+from contrastive_cli.config import ModelConfig, TrainConfig
+from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
+
+CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), optimizer="sgd")
+
+
+def _setup(cfg=CFG):
+    mesh = data_mesh()  # 4 host devices (conftest): the exported step is sharded
+    tx = train.make_optimizer(cfg)
+    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    r = train.working_size(cfg.model.image_size)
+    host = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, r, r, 3), dtype=np.uint8)
+    return mesh, tx, graphdef, state, jax.device_put(host, batch_sharding(mesh))
+
+
+def _run(step, state, images, steps=2):
+    losses = []
+    for _ in range(steps):
+        state, out = step(state, images)
+        losses.append(float(out["loss"]))
+    assert sorted(out) == ["finite", "loss", "lr", "z1", "z2"]
+    return losses, jax.tree.map(np.asarray, state)
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """How many times the step was traced (augmentation is the step's first piece)."""
+    calls = []
+    views = augment.augment_views
+    monkeypatch.setattr(augment, "augment_views", lambda *a, **k: calls.append(1) or views(*a, **k))
+    return calls
+
+
+def test_loaded_step_equals_the_traced_step_and_skips_tracing(tmp_path, traces):
+    mesh, tx, graphdef, state, images = _setup()
+    spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+    ref_losses, ref_state = _run(train.make_step(CFG, graphdef, tx, mesh), state, images)
+    assert len(traces) == 1
+
+    for expect_traces in (2, 2):  # first: traced and written; then: loaded, not traced
+        _, state = train.init_state(CFG, tx, replicated(mesh))
+        step = stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, spec, folder=tmp_path)
+        assert len(traces) == expect_traces
+        losses, new_state = _run(step, state, images)
+        assert losses == ref_losses
+        for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state)):
+            np.testing.assert_array_equal(a, b)
+        assert jax.tree.structure(new_state) == jax.tree.structure(ref_state)
+    assert len(list(tmp_path.glob("*.bin"))) == 1
+
+
+def test_key_follows_what_shapes_the_step(monkeypatch):
+    mesh, _, _, state, images = _setup()
+    treedef = jax.tree.structure(state)
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves(state)]
+    batch = jax.ShapeDtypeStruct(images.shape, images.dtype)
+
+    def key(cfg=CFG, batch=batch, mesh=mesh):
+        return stepcache.step_key(cfg, treedef, specs, batch, mesh)
+
+    base = key()
+    assert key() == base
+    # fields the step never reads: the same program
+    assert key(dataclasses.replace(CFG, steps=99, log_every=7, eval_every=3, eval_folder="labeled", keep_checkpoints=5)) == base
+    # what it does read, the batch, the devices, the environment read while tracing: another
+    assert key(dataclasses.replace(CFG, temperature=0.2)) != base
+    assert key(dataclasses.replace(CFG, augment=dataclasses.replace(CFG.augment, blur_p=0.0))) != base
+    assert key(batch=jax.ShapeDtypeStruct((16, *images.shape[1:]), images.dtype)) != base
+    assert key(mesh=data_mesh(jax.devices()[:1])) != base
+    monkeypatch.setenv("CONTRASTIVE_FAST_CONV", "0")
+    assert key() != base
+
+
+def test_a_bad_file_is_traced_again_and_replaced(tmp_path, traces):
+    mesh, tx, graphdef, state, images = _setup()
+    spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+    stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, spec, folder=tmp_path)
+    (path,) = tmp_path.glob("*.bin")
+    good = path.read_bytes()
+    for bad in (b"", b"not a step", good[: len(good) // 2], good[:-1] + b"x"):
+        path.write_bytes(bad)
+        before = len(traces)
+        stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, spec, folder=tmp_path)
+        assert len(traces) == before + 1
+        assert path.read_bytes() != bad  # written again...
+        before = len(traces)
+        step = stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, spec, folder=tmp_path)
+        assert len(traces) == before  # ...and good: loaded, not traced
+    losses, _ = _run(step, state, images, steps=1)
+    assert np.isfinite(losses[0])
+
+
+def test_switched_off_by_environment(tmp_path, monkeypatch, traces):
+    monkeypatch.setenv("CONTRASTIVE_STEP_CACHE", "0")
+    mesh, tx, graphdef, state, images = _setup()
+    stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, jax.ShapeDtypeStruct(images.shape, images.dtype),
+                               folder=tmp_path)
+    assert not list(tmp_path.iterdir())
