@@ -4,7 +4,8 @@ Each measurement is a fresh process (what a user sees when they run `contrastive
 it makes the step as pretrain does (`make_s`: stepcache.make_cached_step loads the exported step
 from disk, or traces and exports it), lowers it (`lower_s`: tracing, or only a call to the loaded
 program) and compiles it (`compile_s`: XLA, or a load from JAX's compilation cache); `ready_s` is
-the three together. Run 1 has empty caches (JAX's compilation
+the three together. `init_s` is the time to the first state (its own compiled program, before
+all that). Run 1 has empty caches (JAX's compilation
 cache and the step cache), run 2 the caches run 1 filled. `--step-cache off` measures
 the same with CONTRASTIVE_STEP_CACHE=0 (tracing every run; the compilation cache still works).
 One JSON line per run.
@@ -44,7 +45,10 @@ def worker(encoder: str, pairs: int) -> None:
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs)
     mesh = data_mesh()
     tx = train.make_optimizer(cfg)
+    t = time.perf_counter()
     graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t
     r = train.working_size(cfg.model.image_size)
     host = np.random.default_rng(0).integers(0, 256, (pairs, r, r, 3), dtype=np.uint8)
     images = jax.device_put(host, batch_sharding(mesh))
@@ -56,7 +60,8 @@ def worker(encoder: str, pairs: int) -> None:
     compiled = lowered.compile()
     t3 = time.perf_counter()
     assert compiled is not None
-    print(json.dumps({"ready_s": t3 - t0, "make_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2}))
+    print(json.dumps({"ready_s": t3 - t0, "make_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2,
+                      "init_s": init_s}))
 
 
 def main() -> None:
