@@ -32,7 +32,8 @@ from .mesh import batch_sharding, replicated
 from .step import make_step, step_function
 
 _MAGIC = b"contrastive-step 1\n"
-# TrainConfig fields the step never reads: the step count lives in the state ("total").
+# TrainConfig fields the step never reads (the step count lives in the state, "total"), left out of
+# the key; tests/test_stepcache.py checks that they leave the lowered program as it is.
 _NOT_TRACED = ("steps", "epochs", "time_budget", "log_every", "checkpoint_every", "keep_checkpoints",
                "eval_folder", "eval_every")
 

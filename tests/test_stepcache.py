@@ -80,6 +80,22 @@ def test_key_follows_what_shapes_the_step(monkeypatch):
     assert key() != base
 
 
+def test_fields_left_out_of_the_key_do_not_change_the_program():
+    """The key ignores stepcache._NOT_TRACED: the step must not read them, or a run would get a
+    program traced for other values."""
+    mesh, tx, graphdef, state, images = _setup()
+    other = dict(steps=99, epochs=0, time_budget=0.0, log_every=7, checkpoint_every=5, keep_checkpoints=5,
+                 eval_folder="labeled", eval_every=3)
+    assert set(other) == set(stepcache._NOT_TRACED)
+
+    def program(cfg):
+        step = train.make_step(cfg, graphdef, tx, mesh)
+        return step.lower(state, images).as_text()
+
+    assert program(dataclasses.replace(CFG, **other)) == program(CFG)
+    assert program(dataclasses.replace(CFG, temperature=0.2)) != program(CFG)  # the check can fail
+
+
 def test_a_bad_file_is_traced_again_and_replaced(tmp_path, traces):
     mesh, tx, graphdef, state, images = _setup()
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
