@@ -4,11 +4,11 @@ Each measurement is a fresh process (what a user sees when they run `contrastive
 it makes the step as pretrain does (`make_s`: stepcache.make_cached_step loads the exported step
 from disk, or traces and exports it), lowers it (`lower_s`: tracing, or only a call to the loaded
 program) and compiles it (`compile_s`: XLA, or a load from JAX's compilation cache); `ready_s` is
-the three together. `init_s` is the time to the first state (its own compiled program, before
-all that). Run 1 has empty caches (JAX's compilation
-cache and the step cache), run 2 the caches run 1 filled. `--step-cache off` measures
-the same with CONTRASTIVE_STEP_CACHE=0 (tracing every run; the compilation cache still works).
-One JSON line per run.
+the three together. `init_s`, before all that, is the time to the first state (a compiled program
+of its own) and a random batch. Run 1 has empty caches (JAX's compilation cache and the step
+cache), run 2 the caches run 1 filled. `--step-cache off` measures the same with
+CONTRASTIVE_STEP_CACHE=0 (tracing every run; the compilation cache still works). One JSON line
+per run.
 
     python benchmarks/compile_time.py                          # small:256 resnet18:256
     python benchmarks/compile_time.py --runs resnet18:64 --step-cache on off --repeats 3
@@ -25,41 +25,32 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(encoder: str, pairs: int) -> None:
-    sys.path[:0] = [str(ROOT)]
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
     import jax
 
-    from contrastive_cli import train
     from contrastive_cli.config import ModelConfig, TrainConfig
-    from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
     from contrastive_cli.runtime import enable_compilation_cache
     from contrastive_cli.stepcache import make_cached_step
+    from step_speed import setup  # the same state and images as the speed benchmark
 
     enable_compilation_cache()  # CONTRASTIVE_CACHE_DIR, set by the driver
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs)
-    mesh = data_mesh()
-    tx = train.make_optimizer(cfg)
     t = time.perf_counter()
-    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    mesh, tx, graphdef, state, images = setup(cfg)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t
-    r = train.working_size(cfg.model.image_size)
-    host = np.random.default_rng(0).integers(0, 256, (pairs, r, r, 3), dtype=np.uint8)
-    images = jax.device_put(host, batch_sharding(mesh))
     t0 = time.perf_counter()
     step = make_cached_step(cfg, graphdef, tx, mesh, state, jax.ShapeDtypeStruct(images.shape, images.dtype))
     t1 = time.perf_counter()
     lowered = step.lower(state, images)
     t2 = time.perf_counter()
-    compiled = lowered.compile()
+    lowered.compile()
     t3 = time.perf_counter()
-    assert compiled is not None
     print(json.dumps({"ready_s": t3 - t0, "make_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2,
                       "init_s": init_s}))
 

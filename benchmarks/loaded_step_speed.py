@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 import contrastive_cli  # noqa: F401  (first: it tunes malloc before JAX starts threads)
 from contrastive_cli import runtime
@@ -24,11 +24,10 @@ from contrastive_cli import runtime
 runtime.reexec_with_malloc_tunables()  # as the `contrastive` command runs
 
 import jax
-import numpy as np
+from step_speed import setup  # the same state and images as the speed benchmark
 
 from contrastive_cli import stepcache, train
 from contrastive_cli.config import ModelConfig, TrainConfig
-from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
 
 def main() -> None:
@@ -38,16 +37,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     a = p.parse_args()
     cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=32), batch_size=a.pairs, optimizer="sgd")
-    mesh = data_mesh()
-    tx = train.make_optimizer(cfg)
-    r = train.working_size(32)
-    host = np.random.default_rng(0).integers(0, 256, (a.pairs, r, r, 3), dtype=np.uint8)
-    images = jax.device_put(host, batch_sharding(mesh))
-    spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
     steps, states = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for name in ("traced", "loaded"):
-            graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+            mesh, tx, graphdef, state, images = setup(cfg)  # a fresh first state each
+            spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
             if name == "traced":
                 step = train.make_step(cfg, graphdef, tx, mesh)
             else:

@@ -54,8 +54,9 @@ def emit(**row):
     print(json.dumps(row), flush=True)
 
 
-def build(cfg):
-    """The jitted train step as pretrain builds it, its first state, and a batch of random uint8 images."""
+def setup(cfg):
+    """What pretrain builds a step from: the mesh, the optimizer, the model graph, its first state,
+    and a batch of random uint8 images (as the loader's: side working_size, split over the mesh)."""
     import jax
 
     from contrastive_cli import train
@@ -64,10 +65,17 @@ def build(cfg):
     mesh = data_mesh()
     tx = train.make_optimizer(cfg)
     graphdef, state = train.init_state(cfg, tx, replicated(mesh))
-    step = train.make_step(cfg, graphdef, tx, mesh)
     r = train.working_size(cfg.model.image_size)
     host = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, r, r, 3), dtype=np.uint8)
-    return step, state, jax.device_put(host, batch_sharding(mesh))
+    return mesh, tx, graphdef, state, jax.device_put(host, batch_sharding(mesh))
+
+
+def build(cfg):
+    """The jitted (traced) train step, its first state, and a batch of random uint8 images."""
+    from contrastive_cli import train
+
+    mesh, tx, graphdef, state, images = setup(cfg)
+    return train.make_step(cfg, graphdef, tx, mesh), state, images
 
 
 # ---- worker: one variant, one process --------------------------------------------------------
