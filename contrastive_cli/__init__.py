@@ -1,10 +1,26 @@
-"""contrastive: self-supervised image representations from folders of unlabeled images, on JAX."""
+"""contrastive: self-supervised image representations from folders of unlabeled images, on JAX.
 
-__version__ = "0.1.0"
+Importing the package changes nothing in the process and imports no JAX; the functions below are
+loaded when first used:
 
-from .runtime import prefer_eigen_convolutions, tune_malloc
+    pretrain(folder, cfg, output)          train an encoder -> run directory   (train/loop.py)
+    embed_folder(folder, run, out.npy)     embeddings + index                  (infer/embed.py)
+    similarity(a, b, run)                  cosine of two images                (infer/embed.py)
+    load_encoder(run)                      the trained encoder, model only     (infer/encoder.py)
+"""
 
-# Before numpy, JAX or any thread starts: glibc fixes its arena count at the first thread's malloc.
-tune_malloc()
-# Before JAX's CPU backend starts: XLA reads XLA_FLAGS once.
-prefer_eigen_convolutions()
+__version__ = "0.2.0"
+
+_LAZY = {"pretrain": "train.loop", "embed_folder": "infer.embed", "similarity": "infer.embed",
+         "load_encoder": "infer.encoder", "TrainConfig": "config", "ModelConfig": "config",
+         "AugmentConfig": "config", "ContrastiveError": "errors"}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,25 +1,25 @@
-"""Run directories: Orbax checkpoints with config.json beside them.
+"""A run directory's checkpoints and config: the layout, saving, restoring (Orbax).
 
-    RUN/config.json       TrainConfig, everything needed to rebuild the model
-    RUN/checkpoints/<step>/  Orbax (atomic: written to a temp dir, renamed when complete)
-    RUN/metrics.jsonl     one JSON object per logged step
-    RUN/skipped.txt       files that could not be used, with the reason
-    RUN/summary.json      written when a run ends
+    RUN/config.json                  TrainConfig: everything needed to rebuild the model
+    RUN/checkpoints/<step>/model/    {"params", "stats"}: all an encoder needs
+    RUN/checkpoints/<step>/train/    {"opt", "step", "total"}: what resuming needs besides
+
+Loading an encoder reads `model` alone, so inference never builds an optimizer. Runs written
+before this layout hold one item, `default`, with both; they still load (`model` is read from it
+with a partial restore). Orbax writes each step to a temporary folder and renames it when whole.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
 from .errors import CheckpointError
 
-# Orbax reports every save through absl at INFO; the run's own display says what matters.
-logging.getLogger("absl").setLevel(logging.ERROR)
+MODEL_ITEM, TRAIN_ITEM = "model", "train"
+LEGACY_ITEM = "default"  # one item holding model and training state (runs before 0.2)
+MODEL_KEYS = ("params", "stats")
+TRAIN_KEYS = ("opt", "step", "total")
 
 
 def _ocp():
@@ -32,27 +32,6 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def manager(run_dir: Path, keep: int = 2):
-    ocp = _ocp()
-    return ocp.CheckpointManager(
-        Path(run_dir).absolute() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-    )
-
-
-def save(mngr, step: int, state: Any) -> None:
-    """Start saving `state` at `step` (asynchronous; `mngr.wait_until_finished()` to block)."""
-    mngr.save(step, args=_ocp().args.StandardSave(state), force=True)
-
-
-def restore(mngr, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
-    """Restore the latest (or given) step into the structure/shardings of `abstract_state`."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {mngr.directory}")
-    return step, mngr.restore(step, args=_ocp().args.StandardRestore(abstract_state))
-
-
 def read_config(run_dir: Path) -> TrainConfig:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -62,15 +41,68 @@ def read_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.load(run_dir / "config.json")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir).absolute() / "checkpoints"
+
+
+def saved_steps(run_dir: Path) -> list[int]:
+    """Steps with a finished checkpoint, ascending (Orbax's temporary folders are not numbers)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return sorted(int(p.name) for p in checkpoint_dir(run_dir).iterdir() if p.name.isdigit() and p.is_dir())
+    except OSError:
+        return []
+
+
+def manager(run_dir: Path, keep: int = 2):
+    """The CheckpointManager that saves a run's steps (two items each) and keeps the last `keep`."""
+    ocp = _ocp()
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=(MODEL_ITEM, TRAIN_ITEM),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def save(mngr, step: int, state: dict) -> None:
+    """Start saving `state` at `step` (asynchronous; `mngr.wait_until_finished()` to block)."""
+    ocp = _ocp()
+    model = {k: state[k] for k in MODEL_KEYS}
+    train = {k: state[k] for k in TRAIN_KEYS}
+    mngr.save(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(model),
+                                                 TRAIN_ITEM: ocp.args.StandardSave(train)}), force=True)
+
+
+def _step_dir(run_dir: Path, step: int | None) -> tuple[int, Path]:
+    steps = saved_steps(run_dir)
+    if step is None:
+        if not steps:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet (was its pretrain interrupted before the first save?)")
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (saved: {', '.join(map(str, steps)) or 'none'})")
+    return step, checkpoint_dir(run_dir) / str(step)
+
+
+def restore_model(run_dir: Path, abstract_model: dict, step: int | None = None) -> tuple[int, dict]:
+    """(step, {"params", "stats"}) of the latest (or given) checkpoint, into `abstract_model`'s
+    structure, shapes and shardings. Reads no optimizer state."""
+    ocp = _ocp()
+    step, where = _step_dir(run_dir, step)
+    if (where / MODEL_ITEM).is_dir():
+        return step, ocp.StandardCheckpointer().restore(where / MODEL_ITEM, abstract_model)
+    if (where / LEGACY_ITEM).is_dir():
+        args = ocp.args.PyTreeRestore(item=abstract_model, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model))
+        return step, ocp.PyTreeCheckpointer().restore(where / LEGACY_ITEM, args=args)
+    raise CheckpointError(f"checkpoint {where} holds no model (no {MODEL_ITEM}/ folder)")
+
+
+def restore_state(run_dir: Path, abstract_state: dict, step: int | None = None) -> tuple[int, dict]:
+    """(step, the whole train state) of the latest (or given) checkpoint, for resuming."""
+    ocp = _ocp()
+    step, where = _step_dir(run_dir, step)
+    if (where / LEGACY_ITEM).is_dir():
+        return step, ocp.StandardCheckpointer().restore(where / LEGACY_ITEM, abstract_state)
+    if not (where / TRAIN_ITEM).is_dir():
+        raise CheckpointError(f"checkpoint {where} holds no training state (no {TRAIN_ITEM}/ folder): "
+                              "it can embed, not resume")
+    _, model = restore_model(run_dir, {k: abstract_state[k] for k in MODEL_KEYS}, step)
+    train = ocp.StandardCheckpointer().restore(where / TRAIN_ITEM, {k: abstract_state[k] for k in TRAIN_KEYS})
+    return step, {**model, **train}

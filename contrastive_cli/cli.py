@@ -1,7 +1,9 @@
 """The `contrastive` command. The only module that imports typer; every command is thin:
 parse options -> build a config -> call one library function -> render the result.
 
-Library modules (and JAX) are imported inside the commands, so `contrastive --help` is instant.
+Library modules (and JAX) are imported inside the commands, so `contrastive --help` is instant. The
+commands that train or embed switch on process-wide settings first (`_heavy_command`); nothing else
+in the package changes the process.
 """
 from __future__ import annotations
 
@@ -14,50 +16,93 @@ from typing import Annotated
 
 import typer
 
-from . import console, runtime
-from .config import AugmentConfig, ModelConfig, TrainConfig
+from . import console
+from .config import (CONV_CHOICES, EMBEDDING_DTYPES, ENCODERS, LOSSES, OPTIMIZERS, PRECISIONS, VIEWS, AugmentConfig,
+                     ModelConfig, TrainConfig)
 from .errors import ContrastiveError
 
 app = typer.Typer(
     help="Learn image representations from folders of unlabeled images (contrastive self-supervised "
          "learning on JAX), then embed and compare images with them.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
+# The choice lists are config.py's, defined once.
+Encoder = Enum("Encoder", {n: n for n in ENCODERS}, type=str)
+Loss = Enum("Loss", {n: n for n in LOSSES}, type=str)
+Optimizer = Enum("Optimizer", {n: n for n in OPTIMIZERS}, type=str)
+Precision = Enum("Precision", {n: n for n in PRECISIONS}, type=str)
+Views = Enum("Views", {n: n for n in VIEWS}, type=str)
+Conv = Enum("Conv", {n: n for n in CONV_CHOICES}, type=str)
+DType = Enum("DType", {n: n for n in EMBEDDING_DTYPES}, type=str)
 
-class Encoder(str, Enum):
-    small = "small"
-    resnet18 = "resnet18"
-
-
-class Loss(str, Enum):
-    ntxent = "ntxent"
-    cosine = "cosine"
-    dcl = "dcl"
-    sigmoid = "sigmoid"
-
-
-class Optimizer(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-    lars = "lars"
+# True when the process was started as the `contrastive` command (main()), not by a caller of
+# `app` (tests' CliRunner): only then may a command change the process (malloc, re-exec, flags).
+_AS_COMMAND = False
 
 
-class Precision(str, Enum):
-    float32 = "float32"
-    bf16 = "bf16"
+def _heavy_command() -> None:
+    """Process-wide settings for a command that compiles and runs the model (pretrain, embed,
+    evaluate): the CPU speed wing (perf.switch_on), JAX's persistent compilation cache, and Orbax's
+    INFO logging silenced. Called first in those commands, before NumPy or JAX start."""
+    if _AS_COMMAND:
+        try:
+            from . import perf
+        except ImportError:  # the wing is not installed: the same results, slower
+            perf = None
+        if perf is not None:
+            perf.switch_on(reexec=True)
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax reports every save through absl at INFO
+    _enable_compilation_cache()
 
 
-class Views(str, Enum):
-    concat = "concat"
-    separate = "separate"
+def _enable_compilation_cache() -> None:
+    """Compiled programs are reused across runs: a second `pretrain` starts in seconds, not tens."""
+    import jax
+
+    from .files import cache_dir
+
+    if jax.config.jax_compilation_cache_dir:
+        return  # already set (by the user, or by tests/conftest.py)
+    path = cache_dir() / "jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # read-only home: compile every time rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
+def _step_cache():
+    """Where pretrain keeps traced train steps (perf/stepcache.py); None without the speed wing or
+    with CONTRASTIVE_STEP_CACHE=0."""
+    if os.environ.get("CONTRASTIVE_STEP_CACHE", "1") == "0":
+        return None
+    try:
+        from .perf import stepcache
+    except ImportError:
+        return None
+    return stepcache.directory()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"contrastive {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Learn image representations from folders of unlabeled images (contrastive self-supervised
+    learning on JAX), then embed and compare images with them."""
 
 
 def _range(lo: float | None, hi: float | None):
@@ -106,16 +151,16 @@ def pretrain(
     time_budget: Annotated[float, typer.Option("--time-budget", callback=_range(0.0, None), help="Train for this many minutes of wall-clock time instead (the step count and learning-rate schedule follow the measured speed).")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(2, None), help="Images per step; each gives a positive pair, all others are negatives.")] = TrainConfig.batch_size,
     image_size: Annotated[int, typer.Option(callback=_range(16, 1024), help="Side of the square views the encoder sees, in pixels.")] = ModelConfig.image_size,
-    encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: trains at hundreds of pairs/s on a laptop CPU) or 'resnet18' (small-image stem; ~20x slower, better on GPU).")] = Encoder.small,
-    loss: Annotated[Loss, typer.Option(help="ntxent: SimCLR's NT-Xent (default, best kNN accuracy in our benchmark); cosine: pairwise cosine (positives to 1, negatives to 0); dcl: decoupled contrastive (NT-Xent without the positive in the denominator); sigmoid: SigLIP's pairwise sigmoid with a learned scale and bias.")] = Loss.ntxent,
+    encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: trains at hundreds of pairs/s on a laptop CPU) or 'resnet18' (small-image stem; ~20x slower, better on GPU).")] = Encoder(ModelConfig.encoder),
+    loss: Annotated[Loss, typer.Option(help="ntxent: SimCLR's NT-Xent (default, best kNN accuracy in our benchmark); cosine: pairwise cosine (positives to 1, negatives to 0); dcl: decoupled contrastive (NT-Xent without the positive in the denominator); sigmoid: SigLIP's pairwise sigmoid with a learned scale and bias.")] = Loss(TrainConfig.loss),
     temperature: Annotated[float, typer.Option(callback=_range(1e-4, None), help="Temperature of ntxent and dcl.")] = TrainConfig.temperature,
     lr: Annotated[float, typer.Option(callback=_range(0.0, None), help="Peak learning rate. Default: scaled with the batch size for the optimizer.")] = 0.0,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (warm-up then cosine decay).")] = Optimizer.adamw,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (warm-up then cosine decay).")] = Optimizer(TrainConfig.optimizer),
     weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
-    precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision.float32,
+    precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision(TrainConfig.precision),
     embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(1, None), help="Embeddings (embed, evaluate, similarity, search, the --eval-folder probe) average-pool the encoder's last feature map on a G x G grid: G*G times the features, keeping coarse layout (Fashion-MNIST kNN after 30 minutes: 0.873 with 1, 0.887 with 2; BENCHMARKS.md). Training is the same whatever G: the projection head sees the global average. 1: global average pooling.")] = ModelConfig.embed_grid,
-    views: Annotated[Views, typer.Option(help="How the two views go through the encoder: concat (one pass, BatchNorm statistics over both views, as SimCLR) or separate (one pass per view, statistics per view, as lightly's examples; faster for resnet18 on CPU, see BENCHMARKS.md).")] = Views.concat,
+    views: Annotated[Views, typer.Option(help="How the two views go through the encoder: concat (one pass, BatchNorm statistics over both views, as SimCLR) or separate (one pass per view, statistics per view, as lightly's examples; faster for resnet18 on CPU, see BENCHMARKS.md).")] = Views(TrainConfig.views),
     log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,
     checkpoint_every: Annotated[int, typer.Option(callback=_range(0, None), help="Save a checkpoint every N steps (0: at the end only).")] = 0,
     eval_folder: Annotated[Path | None, typer.Option("--eval-folder", help="Labeled folder (one subfolder per class): log the kNN accuracy of the current encoder on it (`knn` in metrics.jsonl) every --eval-every steps and at the end.")] = None,
@@ -127,6 +172,7 @@ def pretrain(
     coordinator: Annotated[str | None, typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
     num_processes: Annotated[int | None, typer.Option(callback=_range(1, None), help="Multi-process training: how many processes (with --coordinator).")] = None,
     process_id: Annotated[int | None, typer.Option(callback=_range(0, None), help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
+    conv: Annotated[Conv, typer.Option(help="Convolution kernels: auto (the CPU speed wing's on CPU, XLA's elsewhere), xla, im2col or winograd. The same maths; config.json records which ran.")] = Conv("auto"),
     crop_min_scale: Annotated[float, typer.Option("--crop-min-scale", callback=_range(0.01, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Smallest crop, as a fraction of the image area.")] = AugmentConfig.crop_scale[0],
     flip_p: Annotated[float, typer.Option("--flip-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of a horizontal flip.")] = AugmentConfig.flip_p,
     jitter_p: Annotated[float, typer.Option("--jitter-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of colour jitter.")] = AugmentConfig.jitter_p,
@@ -146,7 +192,7 @@ def pretrain(
 
     def build():
         return TrainConfig(
-            model=ModelConfig(encoder=encoder.value, image_size=image_size, embed_grid=embed_grid), augment=AugmentConfig(
+            model=ModelConfig(encoder=encoder.value, image_size=image_size, embed_grid=embed_grid, conv=conv.value), augment=AugmentConfig(
                 crop_scale=(crop_min_scale, 1.0), flip_p=flip_p, jitter_p=jitter_p,
                 brightness=0.8 * jitter_strength, contrast=0.8 * jitter_strength,
                 saturation=0.8 * jitter_strength, hue=0.2 * jitter_strength, gray_p=gray_p, blur_p=blur_p),
@@ -156,12 +202,14 @@ def pretrain(
             eval_folder=str(eval_folder.resolve()) if eval_folder else "", eval_every=eval_every)
 
     cfg = _run(build)
-    from .train import pretrain as run_pretrain
+    _heavy_command()
+    from .train.loop import pretrain as run_pretrain
 
     display = console.TrainDisplay(quiet=quiet)
     try:
         summary = _run(run_pretrain, folder, cfg, output, resume=resume, force=force, monitor=display, cache=cache,
-                       coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+                       coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+                       step_cache=_step_cache())
     finally:
         display.close()
     typer.echo(summary["output"])  # stdout: the run directory, for scripts
@@ -173,17 +221,18 @@ def embed(
     model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Embeddings file (.npy); the index goes beside it as .json.")] = Path("embeddings.npy"),
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(1, None), help="Images per forward pass.")] = 128,
-    dtype: Annotated[DType, typer.Option(help="Stored dtype; float16 halves the file.")] = DType.float32,
+    dtype: Annotated[DType, typer.Option(help="Stored dtype; float16 halves the file.")] = DType(EMBEDDING_DTYPES[0]),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Embed every image in FOLDER to OUTPUT (.npy, float [N, D], unit rows) with an index (.json)."""
     _folder(folder, "FOLDER")
-    from .embed import embed_folder, index_path
+    _heavy_command()
+    from .infer.embed import embed_folder, index_path
 
     progress = console.DecodeProgress("embedding")
     try:
         index = _run(embed_folder, folder, model, output, force=force, dtype=dtype.value,
-                     batch_size=batch_size, on_progress=progress)
+                     batch_size=batch_size, conv="auto", on_progress=progress)
     finally:
         progress.close()
     if index["skipped"]:
@@ -203,7 +252,8 @@ def similarity(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the bare number.")] = False,
 ) -> None:
     """Print the cosine similarity (-1..1) of two images' embeddings on stdout."""
-    from .embed import similarity as run_similarity
+    _enable_compilation_cache()
+    from .infer.embed import similarity as run_similarity
 
     value = _run(run_similarity, a, b, model)
     if as_json:
@@ -243,7 +293,7 @@ def neighbors(
         raise typer.BadParameter("give exactly one of --query IMAGE, --row I, --path P", param_hint="--query")
     if model is not None and query is None:
         raise typer.BadParameter("--model is only used with --query", param_hint="--model")
-    from .search import neighbors as run_neighbors
+    from .infer.search import neighbors as run_neighbors
 
     result = _run(run_neighbors, embeddings, k, row=row, path=path, image=query, model=model)
     for message in result["warnings"]:
@@ -275,7 +325,7 @@ def duplicates(
     its group); with --cross: row,path,other_row,other_path,score (best first).
     """
     fmt = _format(as_json, as_csv)
-    from .search import find_duplicates
+    from .infer.search import find_duplicates
 
     progress = console.DecodeProgress("comparing")
     try:
@@ -323,7 +373,8 @@ def evaluate(
     for path, hint in ((folder, "FOLDER"), (train, "--train"), (test, "--test")):
         if path is not None:
             _folder(path, hint)
-    from .evaluate import evaluate as run_evaluate
+    _heavy_command()
+    from .infer.evaluate import evaluate as run_evaluate
 
     progress = console.DecodeProgress("embedding")
     try:
@@ -354,7 +405,8 @@ def plot(
 
 def main() -> None:
     """Console-script entry point."""
-    runtime.reexec_with_malloc_tunables()  # glibc reads its tunables only at start-up
+    global _AS_COMMAND
+    _AS_COMMAND = True
     if os.environ.get("CONTRASTIVE_DEBUG"):
         app()
         return

@@ -17,6 +17,10 @@ LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "bf16")
 VIEWS = ("concat", "separate")
+EMBEDDING_DTYPES = ("float32", "float16")  # what `embed` stores
+# The convolution a model runs (nn/conv.py): XLA's own, or the CPU speed wing's (perf/fastconv.py).
+CONVS = ("xla", "im2col", "winograd")
+CONV_CHOICES = ("auto", *CONVS)  # "auto": the fastest for the backend, resolved when a run starts
 
 # ImageNet statistics: the normalisation SimCLR and lightly use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,8 +83,12 @@ class ModelConfig:
     # Embeddings pool the last feature map on an embed_grid x embed_grid grid (1: global average).
     # Training never sees it: the projection head always takes the global average.
     embed_grid: int = 1
+    # Which convolution runs (CONVS): the same maths to float rounding, different speed.
+    conv: str = "xla"
 
     def __post_init__(self) -> None:
+        if self.conv not in CONV_CHOICES:
+            raise ConfigError(f"unknown convolution {self.conv!r}; choose one of {', '.join(CONV_CHOICES)}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
         if self.image_size < 16:

@@ -1,11 +1,24 @@
-"""Strict, multi-device test environment: CPU only, 4 host devices, persistent compile cache.
+"""Strict, hermetic, multi-device test environment: CPU only, 4 host devices, a temporary cache.
 
-This runs before any test module imports JAX, so sharding code runs everywhere.
+This runs before any test module imports JAX, so sharding code runs everywhere. The decoded-image,
+step and compilation caches go to a temporary folder (CONTRASTIVE_CACHE_DIR when it is set, as
+.ci/run sets it for both of its passes), never to the user's ~/.cache. XLA gets the flags the CLI
+gives a training command (perf/xla.py), so the tests run the kernels users run.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("CONTRASTIVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "contrastive"))
+if not os.environ.get("CONTRASTIVE_CACHE_DIR"):
+    _cache = tempfile.mkdtemp(prefix="contrastive-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["CONTRASTIVE_CACHE_DIR"] = _cache
+
+from contrastive_cli.perf import xla  # noqa: E402  (before JAX starts: XLA reads XLA_FLAGS once)
+
+xla.prefer_eigen_convolutions()
 
 import jax  # noqa: E402
 

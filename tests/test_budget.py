@@ -4,9 +4,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from contrastive_cli import guards
+from contrastive_cli.train import guards
 from contrastive_cli.config import ModelConfig, TrainConfig
-from contrastive_cli.train import pretrain
+from contrastive_cli.train.loop import pretrain
 
 
 class FakeClock:

@@ -4,8 +4,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from contrastive_cli.cache import load_cached
-from contrastive_cli.data import load_folder
+from contrastive_cli.data.cache import load_cached
+from contrastive_cli.data.decode import load_folder
 
 
 def write(folder, n=6):

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
 from contrastive_cli.config import ConfigError, ModelConfig, TrainConfig
-from contrastive_cli.models import grid_pool
-from contrastive_cli.train import init_state, make_optimizer
+from contrastive_cli.nn.models import grid_pool
+from contrastive_cli.train.optim import make_optimizer
+from contrastive_cli.train.state import init_state
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
-from contrastive_cli.evaluate import knn_accuracy, linear_probe_accuracy, stratified_split
+from contrastive_cli.infer.evaluate import knn_accuracy, linear_probe_accuracy, stratified_split
 
 runner = CliRunner()
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from contrastive_cli import data
+from contrastive_cli.data import decode as data
 from contrastive_cli.cli import app
-from contrastive_cli.embed import embed_folder
+from contrastive_cli.infer.embed import embed_folder
 from hostile import write_good_folder, write_hostile_folder
 
 runner = CliRunner()
@@ -180,7 +180,7 @@ def test_embeddings_are_replaced_only_with_force_and_survive_a_failing_embed(run
         f.write(b"\x93NUMPY partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("contrastive_cli.embed.np.save", disk_full)
+    monkeypatch.setattr("contrastive_cli.infer.embed.np.save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         embed_folder(hostile["root"], model, out, force=True)
     assert out.read_bytes() == b"old embeddings"
@@ -231,7 +231,7 @@ def test_ctrl_c_during_embed_is_one_line_exit_130(run, hostile, tmp_path, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("contrastive_cli.embed.load_encoder", interrupted)
+    monkeypatch.setattr("contrastive_cli.infer.embed.load_encoder", interrupted)
     result = runner.invoke(app, ["embed", str(hostile["root"]), "-m", str(run[1]), "-o", str(tmp_path / "e.npy")])
     assert result.exit_code == 130 and error_lines(result.stderr) == ["error: interrupted"]
     assert not (tmp_path / "e.npy").exists()

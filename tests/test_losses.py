@@ -11,7 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from contrastive_cli import config, health, losses
+from contrastive_cli import config
+from contrastive_cli.nn import health
+from contrastive_cli.nn import losses
 
 ntxent = jax.jit(losses.nt_xent)
 cosine = jax.jit(losses.pairwise_cosine_loss)
@@ -179,7 +181,8 @@ def test_sigmoid_at_siglip_init_starts_near_its_balanced_point():
     z = np.eye(16, dtype=np.float32)[:8]
     np.testing.assert_allclose(sigmoid(z, z, math.log(10.0), -10.0), math.log(2) + 14 * softplus(-10),
                                rtol=1e-5)
-    np.testing.assert_allclose(losses.sigmoid_loss(z, z), sigmoid(z, z, math.log(10.0), -10.0), rtol=1e-6)
+    # float32 sums of 64 terms in another order: AVX-512 and AVX2 differ by ~1.5e-6 relative.
+    np.testing.assert_allclose(losses.sigmoid_loss(z, z), sigmoid(z, z, math.log(10.0), -10.0), rtol=1e-5)
 
 
 def test_dcl_needs_two_pairs():

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
 from contrastive_cli.errors import InputError
-from contrastive_cli.search import _flatten, _union, duplicate_groups, duplicate_pairs, load_embeddings, top_k
+from contrastive_cli.infer.search import _flatten, _union, duplicate_groups, duplicate_pairs, load_embeddings, top_k
 
 runner = CliRunner()
 FASHION = Path(__file__).parent.parent / "examples" / "fashion-mnist"

@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from contrastive_cli import augment, stepcache, train
+from contrastive_cli.nn import augment
+from contrastive_cli.perf import stepcache
+from contrastive_cli.train import optim, state as train_state, step as train_step
 from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
@@ -15,9 +17,9 @@ CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), optimizer="sgd")
 
 def _setup(cfg=CFG):
     mesh = data_mesh()  # 4 host devices (conftest): the exported step is sharded
-    tx = train.make_optimizer(cfg)
-    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
-    r = train.working_size(cfg.model.image_size)
+    tx = optim.make_optimizer(cfg)
+    graphdef, state = train_state.init_state(cfg, tx, replicated(mesh))
+    r = train_step.working_size(cfg.model.image_size)
     host = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, r, r, 3), dtype=np.uint8)
     return mesh, tx, graphdef, state, jax.device_put(host, batch_sharding(mesh))
 
@@ -43,11 +45,11 @@ def traces(monkeypatch):
 def test_loaded_step_equals_the_traced_step_and_skips_tracing(tmp_path, traces):
     mesh, tx, graphdef, state, images = _setup()
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
-    ref_losses, ref_state = _run(train.make_step(CFG, graphdef, tx, mesh), state, images)
+    ref_losses, ref_state = _run(train_step.make_step(CFG, graphdef, tx, mesh), state, images)
     assert len(traces) == 1
 
     for expect_traces in (2, 2):  # first: traced and written; then: loaded, not traced
-        _, state = train.init_state(CFG, tx, replicated(mesh))
+        _, state = train_state.init_state(CFG, tx, replicated(mesh))
         step = stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, spec, folder=tmp_path)
         assert len(traces) == expect_traces
         losses, new_state = _run(step, state, images)
@@ -76,7 +78,8 @@ def test_key_follows_what_shapes_the_step(monkeypatch):
     assert key(dataclasses.replace(CFG, augment=dataclasses.replace(CFG.augment, blur_p=0.0))) != base
     assert key(batch=jax.ShapeDtypeStruct((16, *images.shape[1:]), images.dtype)) != base
     assert key(mesh=data_mesh(jax.devices()[:1])) != base
-    monkeypatch.setenv("CONTRASTIVE_FAST_CONV", "0")
+    assert key(dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, conv="winograd"))) != base
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # fastconv's plan reads it
     assert key() != base
 
 
@@ -89,7 +92,7 @@ def test_fields_left_out_of_the_key_do_not_change_the_program():
     assert set(other) == set(stepcache._NOT_TRACED)
 
     def program(cfg):
-        step = train.make_step(cfg, graphdef, tx, mesh)
+        step = train_step.make_step(cfg, graphdef, tx, mesh)
         return step.lower(state, images).as_text()
 
     assert program(dataclasses.replace(CFG, **other)) == program(CFG)
@@ -115,9 +118,9 @@ def test_a_bad_file_is_traced_again_and_replaced(tmp_path, traces):
     assert np.isfinite(losses[0])
 
 
-def test_switched_off_by_environment(tmp_path, monkeypatch, traces):
+def test_the_cli_switches_it_off_by_environment(monkeypatch):
+    from contrastive_cli import cli
+
+    assert cli._step_cache() == stepcache.directory()
     monkeypatch.setenv("CONTRASTIVE_STEP_CACHE", "0")
-    mesh, tx, graphdef, state, images = _setup()
-    stepcache.make_cached_step(CFG, graphdef, tx, mesh, state, jax.ShapeDtypeStruct(images.shape, images.dtype),
-                               folder=tmp_path)
-    assert not list(tmp_path.iterdir())
+    assert cli._step_cache() is None

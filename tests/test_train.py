@@ -16,10 +16,12 @@ from typer.testing import CliRunner
 from contrastive_cli import checkpoint
 from contrastive_cli.cli import app
 from contrastive_cli.config import ModelConfig, TrainConfig
-from contrastive_cli.data import load_folder
-from contrastive_cli.embed import load_encoder
+from contrastive_cli.data.decode import load_folder
+from contrastive_cli.infer.embed import load_encoder
 from contrastive_cli.errors import ConfigError
-from contrastive_cli.train import make_optimizer, pretrain, working_size
+from contrastive_cli.train.loop import pretrain
+from contrastive_cli.train.optim import make_optimizer
+from contrastive_cli.train.step import working_size
 from test_cli import write_images
 
 runner = CliRunner()
@@ -157,9 +159,11 @@ def test_separate_views_take_one_encoder_pass_and_batchnorm_per_view(images):
     import jax.numpy as jnp
     from flax import nnx
 
-    from contrastive_cli import augment, losses
+    from contrastive_cli.nn import augment
+    from contrastive_cli.nn import losses
     from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
-    from contrastive_cli.step import init_state, make_step
+    from contrastive_cli.train.state import init_state
+    from contrastive_cli.train.step import make_step
 
     mesh = data_mesh(jax.devices()[:1])
     batch = jax.device_put(images.images[:8], batch_sharding(mesh))

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from test_fastconv import close, normal, operands, reference
 
-from contrastive_cli import fastconv, train, winograd
+from contrastive_cli.perf import fastconv
+from contrastive_cli.train import optim, state as train_state, step as train_step
+from contrastive_cli.perf import winograd
 from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
@@ -46,8 +48,7 @@ def test_conv2d_uses_it_where_it_applies(monkeypatch):
     fastconv.conv2d(x, kernel, stride=2, padding=1)
     fastconv.conv2d(x[:, :3, :3], kernel, stride=1, padding=1)  # odd size
     fastconv.conv2d(x[..., :64], kernel[:, :, :64], stride=1, padding=1)  # too few channels
-    monkeypatch.setenv("CONTRASTIVE_WINOGRAD", "0")
-    fastconv.conv2d(x, kernel, stride=1, padding=1)
+    fastconv.conv2d_im2col(x, kernel, stride=1, padding=1)  # the "im2col" convolution: never Winograd
     assert calls == [(2, 4, 4, 128)]
 
 
@@ -67,14 +68,15 @@ def test_applies_to_same_padded_stride_1_float32_3x3_of_128_channels_up(case, ex
 
 
 def _one_step(monkeypatch, fast: bool):
-    monkeypatch.setenv("CONTRASTIVE_FAST_CONV", "1" if fast else "0")
-    cfg = TrainConfig(model=ModelConfig(encoder="resnet18", image_size=16), batch_size=4, optimizer="sgd", lr=0.5)
+    conv = "winograd" if fast else "xla"
+    cfg = TrainConfig(model=ModelConfig(encoder="resnet18", image_size=16, conv=conv), batch_size=4, optimizer="sgd",
+                      lr=0.5)
     mesh = data_mesh()
-    tx = train.make_optimizer(cfg)
-    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
+    tx = optim.make_optimizer(cfg)
+    graphdef, state = train_state.init_state(cfg, tx, replicated(mesh))
     before = jax.tree.map(np.asarray, state["params"])
-    step = train.make_step(cfg, graphdef, tx, mesh)
-    r = train.working_size(16)
+    step = train_step.make_step(cfg, graphdef, tx, mesh)
+    r = train_step.working_size(16)
     images = np.random.default_rng(0).integers(0, 256, (4, r, r, 3), dtype=np.uint8)
     state, out = step(state, jax.device_put(images, batch_sharding(mesh)))
     return float(out["loss"]), before, jax.tree.map(np.asarray, state["params"])

@@ -18,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .data import IMAGE_EXTENSIONS, no_usable_image, scan_folder
-from .embed import Encoder, iter_embeddings, load_encoder
-from .errors import InputError
-from .search import top_k
+from ..data.scan import no_usable_image, scan_images
+from ..errors import InputError
+from .embed import iter_embeddings
+from .encoder import Encoder, load_encoder
+from .knn import KNN_K, class_labels, knn_accuracy, stratified_split
 
-KNN_K = 20
-KNN_TEMPERATURE = 0.07
 RAW_SIZE = 32
 
 
@@ -54,15 +53,9 @@ def labeled_features(encoder: Encoder, folder: Path, classes: list[str] | None =
                      on_progress=None) -> tuple[Features, list[str]]:
     """Embed a labeled folder (class = first-level subfolder). Returns features and class names."""
     folder = Path(folder)
-    files = scan_folder(folder)
-    if not files:
-        raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    top = [f.relative_to(folder).parts for f in files]
-    loose = [p for p in top if len(p) == 1]
-    if loose:
-        raise InputError(f"{folder} is not a labeled folder: {len(loose)} image(s) such as {loose[0][0]!r} "
-                         "are not inside a class subfolder")
-    names = classes or sorted({p[0] for p in top})
+    files = scan_images(folder)
+    _, found = class_labels([f.relative_to(folder).as_posix() for f in files], folder, min_classes=1)
+    names = classes or found
     lookup = {c: i for i, c in enumerate(names)}
     emb, raw, labels, paths, skipped = [], [], [], [], []
     for kept, bad, images, feats in iter_embeddings(encoder, folder, files, on_progress=on_progress):
@@ -80,33 +73,6 @@ def labeled_features(encoder: Encoder, folder: Path, classes: list[str] | None =
     if not paths:
         raise no_usable_image(folder, len(files), skipped)
     return Features(np.concatenate(emb), np.concatenate(raw), np.asarray(labels), paths, skipped), names
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test): `test_fraction` of each class (at least one) goes to test, seeded."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        if len(idx) < 2:
-            raise InputError(f"class {c} has {len(idx)} image; each class needs at least 2 to split")
-        n_test = min(len(idx) - 1, max(1, round(test_fraction * len(idx))))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def knn_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
-                 *, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
-    """Weighted kNN accuracy with cosine similarity (rows need not be normalised)."""
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    k = min(k, len(train))
-    scores, idx = top_k(unit(test).astype(np.float32), unit(train).astype(np.float32), k)
-    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = np.zeros((len(test), n_classes))
-    np.add.at(votes, (np.repeat(np.arange(len(test)), k), train_labels[idx].ravel()),
-              np.exp(scores / temperature).ravel())
-    return float((votes.argmax(1) == test_labels).mean())
 
 
 def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,

@@ -1,32 +1,8 @@
-"""Process-wide JAX settings: the persistent compilation cache in a user cache directory."""
+"""glibc malloc settings for XLA:CPU's step buffers: one heap kept whole, huge pages (Linux only)."""
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
-
-def cache_dir() -> Path:
-    """$CONTRASTIVE_CACHE_DIR, else $XDG_CACHE_HOME/contrastive, else ~/.cache/contrastive."""
-    if os.environ.get("CONTRASTIVE_CACHE_DIR"):
-        return Path(os.environ["CONTRASTIVE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "contrastive"
-
-
-def enable_compilation_cache() -> None:
-    """Compiled steps are reused across runs: a second `pretrain` starts in seconds, not tens."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return  # already set (by the user, or by tests/conftest.py)
-    path = cache_dir() / "jax"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # read-only home: compile every time rather than fail
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 # glibc mallopt parameters (malloc.h).
@@ -113,39 +89,3 @@ def _glibc_at_least(major: int, minor: int) -> bool:
         return name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (major, minor)
     except (ValueError, OSError, AttributeError):
         return False
-
-
-# XLA:CPU runs convolutions on Eigen instead of YNNPACK (fastconv.py then computes only the parts
-# Eigen is slow at). Experimental in jaxlib 0.10.2; numerics checked by benchmarks/step_speed.py
-# (same first loss, parameter updates within 3e-3 of the largest entry: reduction order) and by the
-# whole test suite, which runs with it.
-EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-# XLA aborts on a flag it does not know: add it only for jaxlib releases it was tested with.
-EIGEN_FLAG_JAXLIB = ("0.10.",)
-
-
-def prefer_eigen_convolutions() -> bool:
-    """Add EIGEN_CONVOLUTIONS to XLA_FLAGS unless the user set that flag or JAX has started.
-
-    ResNet-18 (32 px, 2 vCPUs): 11.2 -> 15.7 pairs/s at 256 pairs per step, 13.2 -> 17.6 at 64; the
-    small CNN is unchanged (benchmarks/step_speed.py). Only the CPU backend reads the flag.
-    CONTRASTIVE_XLA_FLAGS=0 leaves XLA_FLAGS alone, and so does a jaxlib outside EIGEN_FLAG_JAXLIB.
-    Returns whether the flag was added.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("CONTRASTIVE_XLA_FLAGS", "1") == "0" or "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return False
-    try:
-        from importlib.metadata import version
-
-        if not version("jaxlib").startswith(EIGEN_FLAG_JAXLIB):
-            return False
-    except ImportError:  # no jaxlib metadata (PackageNotFoundError): leave XLA alone
-        return False
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():  # too late: XLA read its flags already
-            return False
-    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
-    return True

@@ -12,29 +12,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .cache import load_cached
-from .config import TrainConfig
-from .data import load_folder
-from .embed import unit_features
-from .errors import InputError
-from .evaluate import KNN_K, knn_accuracy, stratified_split
-from .mesh import batch_sharding, global_batch, local_rows, replicated
+from ..config import TrainConfig
+from ..data.cache import load_cached
+from ..data.decode import load_folder
+from ..infer.encoder import unit_features
+from ..infer.knn import KNN_K, class_labels, knn_accuracy, stratified_split
+from ..mesh import batch_sharding, global_batch, local_rows, replicated
 
 TEST_FRACTION = 0.2  # as `contrastive evaluate`'s default
 CHUNK = 256  # images per forward pass (rounded up to a multiple of the device count)
-
-
-def class_labels(paths: list[str], folder: Path) -> tuple[np.ndarray, list[str]]:
-    """Class index of each relative path (its first folder) and the sorted class names."""
-    loose = [p for p in paths if "/" not in p]
-    if loose:
-        raise InputError(f"{folder} is not a labeled folder: {len(loose)} image(s) such as {loose[0]!r} "
-                         "are not inside a class subfolder")
-    names = sorted({p.split("/", 1)[0] for p in paths})
-    if len(names) < 2:
-        raise InputError(f"{folder} has {len(names)} class subfolder; a kNN probe needs at least 2 classes")
-    lookup = {c: i for i, c in enumerate(names)}
-    return np.asarray([lookup[p.split("/", 1)[0]] for p in paths]), names
 
 
 class KnnProbe:

@@ -10,8 +10,8 @@ from typing import Any
 
 import jax
 
-from .config import TrainConfig
-from .errors import TrainingDiverged
+from ..config import TrainConfig
+from ..errors import TrainingDiverged
 from .optim import learning_rate
 
 

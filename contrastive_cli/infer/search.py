@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .embfile import DTYPES, block, full_path, load_embeddings, row_of_path
-from .errors import InputError
+from ..errors import InputError
 
 CHUNK = 4096  # rows per streamed block: a [CHUNK, CHUNK] float32 score block is 64 MiB
 QUERY_CHUNK = 1024  # queries per pass over the embeddings in top_k
@@ -228,7 +228,7 @@ def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: st
     n, d = x.shape
     warnings, used_model = [], None
     if image is not None:
-        from .embed import embed_files, load_encoder  # Flax: only for image queries
+        from .encoder import embed_files, load_encoder  # Flax: only for image queries
 
         if not Path(image).is_file():
             raise InputError(f"image not found: {image}")

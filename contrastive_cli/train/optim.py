@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def learning_rate(cfg: TrainConfig) -> float:

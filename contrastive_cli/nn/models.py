@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .config import ModelConfig
+from ..config import ModelConfig, TrainConfig
+from . import losses
+from .conv import Conv as ConvFn, convolution, xla_conv
 
 # torchvision's ResNet init (kaiming normal, fan_out); BatchNorm momentum 0.1 in PyTorch terms.
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -23,35 +25,16 @@ _BN_MOMENTUM = 0.9
 _BN_EPS = 1e-5
 
 
-def _conv_fn():
-    """The convolution to use: a CPU-fast weight gradient when available, else XLA's native conv."""
-    try:
-        from . import fastconv
-    except ImportError:
-        fastconv = None
-    if fastconv is not None and fastconv.enabled():
-        return fastconv.conv2d
-
-    def native(x, kernel, *, stride, padding):
-        return jax.lax.conv_general_dilated(
-            x, kernel, (stride, stride), [(padding, padding)] * 2,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            preferred_element_type=jnp.float32 if x.dtype == jnp.bfloat16 else None,
-        ).astype(x.dtype)
-
-    return native
-
-
 class Conv(nnx.Module):
     """Bias-free square convolution with symmetric zero padding (NHWC x HWIO)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, conv: ConvFn, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_CONV_INIT(rngs.params(), (kernel, kernel, cin, cout), jnp.float32))
-        self.stride, self.padding, self.dtype = stride, kernel // 2, dtype
+        self.stride, self.padding, self.dtype, self.conv = stride, kernel // 2, dtype, conv
 
     def __call__(self, x):
-        return _conv_fn()(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                          stride=self.stride, padding=self.padding)
+        return self.conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                         stride=self.stride, padding=self.padding)
 
 
 def _bn(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -59,8 +42,8 @@ def _bn(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 class ConvBNReLU(nnx.Module):
-    def __init__(self, cin, cout, stride, *, dtype, rngs):
-        self.conv = Conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
+    def __init__(self, cin, cout, stride, *, conv, dtype, rngs):
+        self.conv = Conv(cin, cout, 3, stride, conv=conv, dtype=dtype, rngs=rngs)
         self.bn = _bn(cout, rngs)
 
     def __call__(self, x, train: bool):
@@ -72,9 +55,9 @@ class SmallCNN(nnx.Module):
 
     features = 256
 
-    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs):
         widths, strides = (3, 32, 64, 128, 256), (1, 2, 2, 2)
-        self.layers = nnx.List([ConvBNReLU(widths[i], widths[i + 1], strides[i], dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([ConvBNReLU(widths[i], widths[i + 1], strides[i], conv=conv, dtype=dtype, rngs=rngs)
                                 for i in range(4)])
 
     def feature_map(self, x, train: bool):
@@ -89,13 +72,13 @@ class SmallCNN(nnx.Module):
 class BasicBlock(nnx.Module):
     """ResNet basic block: two 3x3 convs with BatchNorm; 1x1 projection shortcut on shape change."""
 
-    def __init__(self, cin, cout, stride, *, dtype, rngs):
-        self.conv1 = Conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
+    def __init__(self, cin, cout, stride, *, conv, dtype, rngs):
+        self.conv1 = Conv(cin, cout, 3, stride, conv=conv, dtype=dtype, rngs=rngs)
         self.bn1 = _bn(cout, rngs)
-        self.conv2 = Conv(cout, cout, 3, 1, dtype=dtype, rngs=rngs)
+        self.conv2 = Conv(cout, cout, 3, 1, conv=conv, dtype=dtype, rngs=rngs)
         self.bn2 = _bn(cout, rngs)
         if stride != 1 or cin != cout:
-            self.short_conv = Conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs)
+            self.short_conv = Conv(cin, cout, 1, stride, conv=conv, dtype=dtype, rngs=rngs)
             self.short_bn = _bn(cout, rngs)
         else:
             self.short_conv = self.short_bn = None
@@ -114,12 +97,12 @@ class ResNet18(nnx.Module):
 
     features = 512
 
-    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.stem = ConvBNReLU(3, 64, 1, dtype=dtype, rngs=rngs)
+    def __init__(self, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.stem = ConvBNReLU(3, 64, 1, conv=conv, dtype=dtype, rngs=rngs)
         blocks, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, cout, stride, dtype=dtype, rngs=rngs),
-                       BasicBlock(cout, cout, 1, dtype=dtype, rngs=rngs)]
+            blocks += [BasicBlock(cin, cout, stride, conv=conv, dtype=dtype, rngs=rngs),
+                       BasicBlock(cout, cout, 1, conv=conv, dtype=dtype, rngs=rngs)]
             cin = cout
         self.blocks = nnx.List(blocks)
 
@@ -167,9 +150,9 @@ class SimCLRModel(nnx.Module):
     the other runs keep their layout.
     """
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+    def __init__(self, cfg: ModelConfig, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs,
                  logit_scalars: tuple[float, float] | None = None):
-        self.encoder = ENCODERS[cfg.encoder](dtype=dtype, rngs=rngs)
+        self.encoder = ENCODERS[cfg.encoder](conv=conv, dtype=dtype, rngs=rngs)
         width = self.encoder.features
         self.head = ProjectionHead(width, cfg.proj_hidden or width, cfg.proj_dim, rngs=rngs)
         self.logit_scalars = LogitScalars(*logit_scalars) if logit_scalars is not None else None
@@ -201,3 +184,15 @@ def grid_pool(fmap, grid: int):
 
 def feature_dim(cfg: ModelConfig) -> int:
     return ENCODERS[cfg.encoder].features * cfg.embed_grid**2
+
+
+def compute_dtype(cfg: TrainConfig):
+    return jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+
+
+def build_model(cfg: TrainConfig, *, conv: str | None = None) -> SimCLRModel:
+    """The run's model, initialised from cfg.seed, with the convolution `conv` (default: the one
+    cfg.model.conv names) and, for a loss that learns them, the loss's scalars."""
+    scalars = (losses.SIGMOID_LOGIT_SCALE, losses.SIGMOID_LOGIT_BIAS) if cfg.loss in losses.LEARNED_SCALARS else None
+    return SimCLRModel(cfg.model, conv=convolution(conv or cfg.model.conv), dtype=compute_dtype(cfg),
+                       rngs=nnx.Rngs(params=jax.random.key(cfg.seed)), logit_scalars=scalars)

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import batch_indices
-from .mesh import global_batch, local_rows
+from ..config import TrainConfig
+from ..mesh import global_batch, local_rows
+from .batches import batch_indices
 
 
 @dataclass

@@ -20,11 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import checkpoint
-from .data import (IMAGE_EXTENSIONS, ImageSet, _decode_or_reason, decode_pool, load_folder, no_usable_image,
-                   quiet_pillow, scan_folder)
-from .errors import InputError
-from .runtime import cache_dir
+from ..files import cache_dir, write_json_atomic
+from .decode import ImageSet, decode_or_reason, decode_pool, load_folder, quiet_pillow
+from .scan import no_usable_image, scan_images
 
 VERSION = 1  # bump when decoding changes, so old entries are not reused
 
@@ -71,7 +69,7 @@ def load_cached(
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[ImageSet, int]:
-    """Like data.load_folder, through the cache: (ImageSet with memory-mapped images, files decoded now).
+    """Like decode.load_folder, through the cache: (ImageSet with memory-mapped images, files decoded now).
 
     Falls back to decoding in memory when the cache directory cannot be written.
     """
@@ -83,9 +81,7 @@ def load_cached(
         data = load_folder(folder, size, workers=workers, on_progress=on_progress)
         return data, len(data) + len(data.skipped)
     unreadable: list[tuple[str, str]] = []
-    files = scan_folder(folder, skipped=unreadable)
-    if not files:
-        raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    files = scan_images(folder, skipped=unreadable)
     keys = [_stat_key(folder, f) for f in files]
     old_rows, old_skipped, old_images, old_name = _read_entry(entry, size)
     fresh = [i for i, k in enumerate(keys) if k is None or (k not in old_rows and k not in old_skipped)]
@@ -102,7 +98,7 @@ def load_cached(
     rows, skipped_keys, paths, skipped = [], [], [], list(unreadable)
     decoded = iter(())
     with decode_pool(workers) as pool, quiet_pillow():
-        decoded = pool.map(lambda i: _decode_or_reason(files[i], size), fresh)
+        decoded = pool.map(lambda i: decode_or_reason(files[i], size), fresh)
         fresh_set = set(fresh)
         j = 0
         for i, key in enumerate(keys):
@@ -131,7 +127,7 @@ def load_cached(
         (entry / data_name).unlink(missing_ok=True)
         raise no_usable_image(folder, len(files), skipped)
     os.truncate(entry / data_name, j * size * size * 3)
-    checkpoint.write_json_atomic(entry / "index.json", {"version": VERSION, "folder": str(folder.resolve()),
+    write_json_atomic(entry / "index.json", {"version": VERSION, "folder": str(folder.resolve()),
                                                         "size": size, "data": data_name, "rows": rows,
                                                         "skipped": skipped_keys})
     # Drop the data this index replaced (a reader that has it mapped keeps its pages), and leftovers

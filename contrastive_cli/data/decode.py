@@ -1,6 +1,6 @@
-"""Folder scan, robust decode, decoded-image array, seeded batch order.
+"""Robust decode of image files to a decoded-image array.
 
-    folder --scan--> sorted relative paths --decode (threads, JPEG draft)--> uint8 [N, R, R, 3]
+    sorted files (scan.py) --decode (threads, JPEG draft)--> uint8 [N, R, R, 3]
 
 Every image becomes an R x R RGB square: EXIF orientation applied, 16-bit scaled to 8, alpha
 composited over white, palette/CMYK/grayscale converted, shorter side resized to R, centre crop.
@@ -22,12 +22,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
-
+from ..errors import InputError
+from .scan import IMAGE_EXTENSIONS, no_usable_image, scan_images
 
 @dataclass
 class ImageSet:
@@ -40,36 +36,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def scan_folder(folder: Path, *, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
-    """All image files under `folder` (recursive, following no symlinked folders), sorted.
-
-    Hidden files and folders (leading '.') are skipped, as a file manager would. Symlinked folders
-    are not entered, so a link loop cannot make the walk endless or list a file twice. Subfolders
-    that cannot be read are appended to `skipped` as ("sub/folder/", reason) when it is given.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(f"folder not found: {folder}")
-    if not folder.is_dir():
-        raise InputError(f"not a folder: {folder}")
-    found: list[Path] = []
-
-    def onerror(err: OSError) -> None:
-        if Path(err.filename) == folder:
-            raise InputError(f"cannot read folder {folder}: {err.strerror}")
-        if skipped is not None:
-            rel = Path(err.filename).relative_to(folder).as_posix()
-            skipped.append((rel + "/", f"folder not read: {(err.strerror or str(err)).lower()}"))
-
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-    found.sort(key=lambda p: p.relative_to(folder).as_posix())
-    return found
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -144,7 +110,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     Time and memory are bounded before any pixel is decoded: the file must be a regular, non-empty
     file (a FIFO or /dev/zero would never end), and its header's width x height must be within
     `pixel_limit()`. Only the first frame of an animation is decoded. Raises UnusableImage, OSError,
-    ValueError, Image.DecompressionBombError or similar on a bad file; `_decode_or_reason` turns
+    ValueError, Image.DecompressionBombError or similar on a bad file; `decode_or_reason` turns
     those into a skip reason.
     """
     with _open_regular(path) as f, Image.open(f, formats=_formats()) as im:  # reads the header only
@@ -186,7 +152,7 @@ def _reason(err: BaseException, path: Path | None = None) -> str:
     return f"{type(err).__name__}: {text}"[:160]
 
 
-def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
+def decode_or_reason(path: Path, size: int) -> np.ndarray | str:
     """decode_image(path, size), or the reason the file cannot be used. Never raises for one file.
 
     Safe to call from many threads at once: it does not touch the process-wide warnings filters.
@@ -228,7 +194,7 @@ def decode_files(
     keep = np.zeros(len(files), bool)
     skipped: list[tuple[str, str]] = []
     with quiet_pillow():
-        for i, out in enumerate(pool.map(lambda p: _decode_or_reason(p, size), files)):
+        for i, out in enumerate(pool.map(lambda p: decode_or_reason(p, size), files)):
             rel = files[i].relative_to(folder).as_posix()
             if isinstance(out, str):
                 skipped.append((rel, out))
@@ -245,11 +211,6 @@ def decode_pool(workers: int | None = None) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers or min(16, (os.cpu_count() or 2) + 2))
 
 
-def no_usable_image(folder: Path, n_files: int, skipped: list[tuple[str, str]]) -> InputError:
-    return InputError(f"none of the {n_files} image files in {folder} could be read "
-                      f"(first: {skipped[0][0]}: {skipped[0][1]})")
-
-
 def load_folder(
     folder: Path,
     size: int,
@@ -263,32 +224,9 @@ def load_folder(
     """
     folder = Path(folder)
     unreadable: list[tuple[str, str]] = []
-    files = scan_folder(folder, skipped=unreadable)
-    if not files:
-        raise InputError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    files = scan_images(folder, skipped=unreadable)
     with decode_pool(workers) as pool:
         images, paths, skipped = decode_files(folder, files, size, pool=pool, on_progress=on_progress)
     if not paths:
         raise no_usable_image(folder, len(files), skipped)
     return ImageSet(folder, paths, images, unreadable + skipped)
-
-
-def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of `n` images in `epoch`: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(n: int, batch_size: int, step: int, *, seed: int) -> np.ndarray:
-    """Indices of the images in training step `step` (0-based); epochs drop the last partial batch.
-
-    A pure function of (n, batch_size, step, seed), so a resumed run sees the same data order.
-    """
-    per_epoch = n // batch_size
-    epoch, i = divmod(step, per_epoch)
-    return epoch_permutation(n, seed=seed, epoch=epoch)[i * batch_size:(i + 1) * batch_size]
-
-
-def iterate_batches(images: np.ndarray, batch_size: int, start: int, stop: int, *, seed: int) -> Iterator[np.ndarray]:
-    """uint8 batches [B, R, R, 3] for steps start..stop-1."""
-    for step in range(start, stop):
-        yield images[batch_indices(len(images), batch_size, step, seed=seed)]

@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from contrastive_cli import step, train
+from contrastive_cli.train import state as step
+from contrastive_cli.train.optim import make_optimizer
 from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.mesh import data_mesh, replicated
 
@@ -11,7 +12,7 @@ from contrastive_cli.mesh import data_mesh, replicated
 @pytest.mark.parametrize("encoder", ["small", "resnet18"])
 def test_first_state_equals_the_default_compile(encoder, monkeypatch):
     cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=16), batch_size=8, seed=3)
-    tx = train.make_optimizer(cfg)
+    tx = make_optimizer(cfg)
     sharding = replicated(data_mesh())
     assert step.INIT_COMPILE_OPTIONS  # the tool's setting is what is compared
     _, fast = step.init_state(cfg, tx, sharding)

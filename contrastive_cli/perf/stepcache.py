@@ -9,13 +9,13 @@ a run with the same key deserializes it (0.02-0.07 s) and lowers only a call to 
 The key: this package's source, the versions of jax, jaxlib, flax and optax, JAX's tracing options,
 the run's config (less the fields the step never reads), the state's structure, the shapes and
 dtypes of the state and the batch, the devices, and the environment variables read while tracing
-(XLA_FLAGS, CONTRASTIVE_*). A file that does not load is traced again and rewritten. Multi-process
-runs trace as before, and so does everything with CONTRASTIVE_STEP_CACHE=0.
+(XLA_FLAGS). A file that does not load is traced again and rewritten. Multi-process runs trace
+as before. Used when pretrain() is given a `step_cache` folder (the CLI gives `directory()` unless
+CONTRASTIVE_STEP_CACHE=0).
 """
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 import os
@@ -26,10 +26,10 @@ import jax
 import optax
 from flax import nnx
 
-from . import runtime
-from .config import TrainConfig
-from .mesh import batch_sharding, replicated
-from .step import make_step, step_function
+from ..config import TrainConfig
+from ..files import cache_dir
+from ..mesh import batch_sharding, replicated
+from ..train.step import make_step, step_function
 
 _MAGIC = b"contrastive-step 1\n"
 # TrainConfig fields the step never reads (the step count lives in the state, "total"), left out of
@@ -39,14 +39,14 @@ _NOT_TRACED = ("steps", "epochs", "time_budget", "log_every", "checkpoint_every"
 
 
 def directory() -> Path:
-    return runtime.cache_dir() / "steps"
+    return cache_dir() / "steps"
 
 
 def make_cached_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh, state,
                      batch: jax.ShapeDtypeStruct, folder: Path | None = None):
     """`step.make_step`'s step (same arguments and results, donating the state), from `folder`
     (default `directory()`) when a run with the same key traced it before."""
-    if jax.process_count() > 1 or os.environ.get("CONTRASTIVE_STEP_CACHE", "1") == "0":
+    if jax.process_count() > 1:
         return make_step(cfg, graphdef, tx, mesh)
     treedef = jax.tree.structure(state)
     repl, split = replicated(mesh), batch_sharding(mesh)
@@ -81,7 +81,7 @@ class _LoadedStep:
 
 def step_key(cfg: TrainConfig, treedef, specs, batch, mesh) -> str:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRACED}
-    env = sorted((k, v) for k, v in os.environ.items() if k == "XLA_FLAGS" or k.startswith("CONTRASTIVE_"))
+    env = os.environ.get("XLA_FLAGS", "")  # fastconv's plan reads it while tracing
     parts = [_source_digest(), _versions(), _trace_options(), repr(sorted(fields.items())), str(treedef),
              repr([(s.shape, str(s.dtype)) for s in specs]), repr((batch.shape, str(batch.dtype))),
              repr([(d.platform, d.device_kind, d.id) for d in mesh.devices.flat]), repr(mesh.axis_names), repr(env)]
@@ -90,8 +90,9 @@ def step_key(cfg: TrainConfig, treedef, specs, batch, mesh) -> str:
 
 def _source_digest() -> str:
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    package = Path(__file__).resolve().parent.parent
+    for f in sorted(package.rglob("*.py")):
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
@@ -105,16 +106,14 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def _trace_options() -> str:
-    """JAX's options that change what tracing produces (x64, matmul precision, PRNG, ...): the
-    context jit itself keys its cache on, less the values that are not plain settings."""
-    try:
-        from jax._src.config import trace_context
+# JAX's public options that change what tracing produces (jit keys its own cache on these and more).
+_TRACE_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                  "jax_threefry_partitionable", "jax_numpy_rank_promotion", "jax_numpy_dtype_promotion",
+                  "jax_softmax_custom_jvp")
 
-        plain = (bool, int, float, str, type(None), tuple, enum.Enum)
-        return repr(tuple(v for v in trace_context() if isinstance(v, plain)))
-    except (ImportError, TypeError):  # a JAX without it: the public settings that matter most
-        return repr((jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision))
+
+def _trace_options() -> str:
+    return repr([(name, getattr(jax.config, name, None)) for name in _TRACE_OPTIONS])
 
 
 class _NotExportable(Exception):

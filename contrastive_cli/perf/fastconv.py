@@ -13,8 +13,8 @@ win. The tool sets that flag by default (runtime.prefer_eigen_convolutions: ResN
 3x3 stride-1 convolutions of 128+ channels (ResNet-18's layers 2-4) go to `winograd.conv3x3`
 instead (see `winograd.applies`): fewer multiplies than any direct convolution.
 
-Models call `conv2d` only when `enabled()`: GPU and TPU keep XLA's native convolution, and
-`CONTRASTIVE_FAST_CONV=0` switches it off on CPU (for A/B timing).
+Models run these when their config names them (ModelConfig.conv "winograd": `conv2d`; "im2col":
+`conv2d_im2col`); the CLI picks "winograd" on CPU and "xla" elsewhere (nn/conv.py).
 """
 from __future__ import annotations
 
@@ -32,11 +32,6 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 _CHUNK_BYTES = 4 * 2**20
 
 
-def enabled() -> bool:
-    """True when models should call `conv2d`: the CPU backend, unless CONTRASTIVE_FAST_CONV=0."""
-    return os.environ.get("CONTRASTIVE_FAST_CONV", "1") != "0" and jax.default_backend() == "cpu"
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 1) -> jax.Array:
     """Cross-correlation of NHWC `x` with an HWIO `kernel`, as `lax.conv_general_dilated` computes it.
 
@@ -52,16 +47,25 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 1
       dimension_numbers=("NHWC", "HWIO", "NHWC"))`, and so are its gradients, to float rounding:
       the matmuls accumulate in float32 whatever the input dtype.
     """
+    _check(x, kernel, stride, padding)
+    if winograd.applies(x.shape, kernel.shape, stride, padding, x.dtype):
+        return winograd.conv3x3(x, kernel)
+    return _conv(x, kernel, stride, padding)
+
+
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 1) -> jax.Array:
+    """`conv2d` without Winograd: every layer by im2col/col2im and matmuls (or XLA, per `_plan`)."""
+    _check(x, kernel, stride, padding)
+    return _conv(x, kernel, stride, padding)
+
+
+def _check(x, kernel, stride, padding) -> None:
     if not (isinstance(stride, int) and stride >= 1):
         raise ValueError(f"stride {stride!r} must be an int >= 1")
     if not (isinstance(padding, int) and padding >= 0):
         raise ValueError(f"padding {padding!r} must be an int >= 0")
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
         raise ValueError(f"x {x.shape} (NHWC) and kernel {kernel.shape} (HWIO) do not match")
-    if winograd.applies(x.shape, kernel.shape, stride, padding, x.dtype):
-        return winograd.conv3x3(x, kernel)
-    return _conv(x, kernel, stride, padding)
-
 
 def _native(x, kernel, stride, padding):
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DIMS)

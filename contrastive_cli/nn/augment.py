@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import AugmentConfig
-from .errors import InputError
+from ..config import AugmentConfig
+from ..errors import InputError
 
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
 LUMA = (0.299, 0.587, 0.114)

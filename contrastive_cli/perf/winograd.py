@@ -17,8 +17,6 @@ keeps it to 128 channels and up. The largest output difference is 1.6e-5 of the 
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,10 +32,7 @@ _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.floa
 
 def applies(x_shape, kernel_shape, stride: int, padding: int, dtype) -> bool:
     """Whether `conv3x3` should replace the convolution: 3x3, stride 1, 'same' padding, even H and
-    W, float32, at least MIN_CHANNELS input channels, at most MAX_TILE_BYTES of transformed input,
-    unless CONTRASTIVE_WINOGRAD=0."""
-    if os.environ.get("CONTRASTIVE_WINOGRAD", "1") == "0":
-        return False
+    W, float32, at least MIN_CHANNELS input channels, at most MAX_TILE_BYTES of transformed input."""
     n, h, w, c = x_shape
     return (tuple(kernel_shape[:2]) == (3, 3) and stride == 1 and padding == 1 and h % 2 == 0 and w % 2 == 0
             and c >= MIN_CHANNELS and 16 * n * (h // 2) * (w // 2) * c * 4 <= MAX_TILE_BYTES

@@ -1,17 +1,17 @@
-"""runtime.tune_malloc: a freed big buffer is reused, not faulted in from the kernel again; huge
-pages by re-exec; the Eigen-convolution XLA flag."""
+"""perf/malloc.py: a freed big buffer is reused, not faulted in from the kernel again; huge pages and
+a heap never trimmed, by re-exec."""
 import subprocess
 import sys
 
 import pytest
 
-from contrastive_cli.runtime import HUGE_PAGES, NEVER_TRIM
+from contrastive_cli.perf.malloc import HUGE_PAGES, NEVER_TRIM
 
 # malloc, fill and free a 64 MiB block three times (as XLA does a step's buffers); print the page
 # faults of the last two.
 PROBE = """
 import ctypes, resource
-from contrastive_cli import runtime
+from contrastive_cli.perf import malloc as runtime
 print(runtime.tune_malloc())
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -43,51 +43,13 @@ def test_tuned_malloc_reuses_big_blocks_without_page_faults():
     assert tuned < pages // 20  # tuned: the freed block is reused
 
 
-def xla_flags(env: dict) -> str:
-    code = "import os, contrastive_cli, jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))"
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **env}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def test_importing_the_package_prefers_eigen_convolutions_unless_told_otherwise():
-    from contrastive_cli.runtime import EIGEN_CONVOLUTIONS
-
-    assert xla_flags({}) == EIGEN_CONVOLUTIONS
-    assert xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) == (
-        f"--xla_force_host_platform_device_count=2 {EIGEN_CONVOLUTIONS}")
-    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
-    assert xla_flags({"XLA_FLAGS": mine}) == mine  # the user's choice stands
-    assert xla_flags({"CONTRASTIVE_XLA_FLAGS": "0"}) == ""
-
-
-def test_no_flag_is_added_once_jax_has_started():
-    code = ("import jax; jax.devices(); import os, contrastive_cli\n"
-            "print(contrastive_cli.runtime.prefer_eigen_convolutions(), repr(os.environ.get('XLA_FLAGS', '')))")
-    out = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "''"]
-
-
-def test_a_jaxlib_the_flag_was_not_tested_with_gets_no_flag():
-    code = ("import os, contrastive_cli.runtime as r\n"  # imported with CONTRASTIVE_XLA_FLAGS=0: nothing added
-            "del os.environ['CONTRASTIVE_XLA_FLAGS']\n"
-            "r.EIGEN_FLAG_JAXLIB = ('9.',)\n"
-            "print(r.prefer_eigen_convolutions(), repr(os.environ.get('XLA_FLAGS', '')))\n"
-            "r.EIGEN_FLAG_JAXLIB = ('0.10.',)\n"
-            "print(r.prefer_eigen_convolutions())")
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "CONTRASTIVE_XLA_FLAGS": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "''", "True"]
-
-
 # Re-exec with huge pages, then report the tunables, how much of a touched 64 MiB heap block the
 # kernel backs with huge pages (AnonHugePages of the process, in kB), and the resident memory (kB)
 # left after touching and freeing a 2.5 GiB block (more than mallopt's largest trim threshold;
 # only when asked: `big` on the command line).
 HUGE_PROBE = """
 import ctypes, os, sys
-from contrastive_cli import runtime
+from contrastive_cli.perf import malloc as runtime
 runtime.tune_malloc()
 runtime.reexec_with_malloc_tunables()
 libc = ctypes.CDLL(None)
@@ -118,7 +80,7 @@ def probe(env: dict, big: bool = True) -> tuple[str, int, int]:
 
 
 def runtime_glibc_2_35() -> bool:
-    from contrastive_cli import runtime
+    from contrastive_cli.perf import malloc as runtime
     return runtime._glibc_at_least(2, 35)
 
 

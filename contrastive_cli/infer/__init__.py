@@ -1,0 +1,1 @@
+"""Inference: load an encoder (model only), embed, search, kNN and linear evaluation."""

@@ -1,0 +1,300 @@
+"""`pretrain()`: folder -> run directory (checkpoints, metrics, config), as a short list of steps.
+
+All mutable state (parameters, BatchNorm statistics, optimizer state, step) is one pytree that goes
+through one `jax.jit` step donating its input (step.py); augmentation runs inside it, on the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import checkpoint
+from ..config import TrainConfig
+from ..data.cache import load_cached
+from ..data.decode import ImageSet, load_folder
+from ..data.prefetch import Prefetcher
+from ..errors import CheckpointError, ConfigError, TrainingInterrupted
+from ..mesh import agree, batch_sharding, check_batch, data_mesh, init_distributed, is_primary, replicated
+from ..nn.conv import resolve
+from ..plot import plot_metrics
+from .guards import Budget, FiniteCheck, SignalFlag
+from .logbook import Logbook
+from .optim import make_optimizer
+from .probe import KnnProbe
+from .rundir import RunDir
+from .state import init_state
+from .step import make_step, working_size
+
+
+class Monitor:
+    """What pretrain() reports while it runs; the CLI's Rich display overrides these no-ops."""
+
+    def loading(self, done: int, total: int) -> None: ...
+    def start(self, info: dict) -> None: ...
+    def step(self, step: int, total: int, record: dict | None) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def end(self, summary: dict) -> None: ...
+
+
+def pretrain(
+    folder: Path,
+    cfg: TrainConfig,
+    output: Path | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    monitor: Monitor | None = None,
+    images: ImageSet | None = None,
+    cache: bool = True,
+    devices=None,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    step_cache: Path | None = None,
+) -> dict:
+    """Train on the images under `folder`; write checkpoints, metrics and config to `output`.
+
+    `devices`: the devices to train on (default: every device of every process). `coordinator`,
+    `num_processes`, `process_id`: join a multi-process run (see `mesh.init_distributed`); then
+    every process calls this with the same folder and `output` (a directory all of them reach),
+    each feeds its own devices' rows of every batch, and only process 0 writes metrics, config,
+    summary and progress; checkpoints are written by all together. `step_cache`: a folder where
+    the traced train step is kept between runs (perf/stepcache.py; None: traced every run).
+    A config whose convolution is "auto" runs the fastest for the backend (nn.conv.resolve), and
+    its config.json records which.
+
+    Every log step appends the loss and the batch's health metrics to RUN/metrics.jsonl
+    (logbook.py). With cfg.eval_folder, a kNN probe (probe.KnnProbe) on that labeled folder adds
+    `knn` to the records of every cfg.eval_every-th and of the last step. At the end the metrics
+    are drawn to RUN/metrics.png (a failure to draw is only a warning).
+
+    Returns the summary written to RUN/summary.json. Raises ContrastiveError subclasses for
+    anything a user can fix; TrainingInterrupted after saving when SIGINT/SIGTERM arrive;
+    TrainingDiverged (nothing non-finite saved) when the loss or the state stops being finite.
+    """
+    t0 = time.perf_counter()
+    multi = init_distributed(coordinator, num_processes, process_id)
+    monitor = (monitor or Monitor()) if is_primary() else Monitor()
+    run, cfg = _open_run(output, cfg, resume=resume, multi=multi)
+    mesh = data_mesh(devices)
+    check_batch(cfg.batch_size, mesh)
+    data = _load_images(folder, cfg, images=images, cache=cache, monitor=monitor, multi=multi)
+    load_s = time.perf_counter() - t0
+    # Decoded before the run directory is made, so a bad labeled folder fails before anything is written.
+    probe = KnnProbe(cfg.eval_folder, cfg, cache=cache, on_progress=monitor.loading) if cfg.eval_folder else None
+    if not resume:
+        run.create(cfg, force=force)
+    _report_skipped(run, data, monitor)
+    cfg = _fit_batch(cfg, len(data), mesh, run, resume=resume, monitor=monitor)
+    state = _build_state(cfg, run, mesh, resume=resume, n_images=len(data), monitor=monitor)
+    batch = jax.ShapeDtypeStruct((cfg.batch_size, *data.images.shape[1:]), data.images.dtype)
+    step_fn = _step_function(cfg, state, mesh, batch, step_cache)
+    budget = Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not state.start else None
+    monitor.start(dict(output=str(run), images=len(data), skipped=len(data.skipped),
+                       steps=None if budget else state.total, time_budget=cfg.time_budget if budget else None,
+                       start=state.start, batch_size=cfg.batch_size, devices=mesh.devices.size,
+                       backend=jax.default_backend(), load_s=load_s))
+    result = _train(folder, cfg, run, mesh, data, state, step_fn, probe=probe, budget=budget,
+                    monitor=monitor, multi=multi)
+    summary = dict(output=str(run), steps=result.step, resumed_from=state.start, images=len(data),
+                   skipped=len(data.skipped), final_loss=result.loss if math.isfinite(result.loss) else None,
+                   batch_size=cfg.batch_size, encoder=cfg.model.encoder, conv=cfg.model.conv, loss=cfg.loss,
+                   compile_s=result.first_step_s, wall_s=time.perf_counter() - t0, load_s=load_s,
+                   loop_s=result.loop_s, devices=mesh.devices.size, processes=jax.process_count())
+    _finish(run, summary, monitor)
+    return summary
+
+
+def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: bool) -> tuple[RunDir, TrainConfig]:
+    """The run directory, and the config to train with: on --resume, the run's own (image size,
+    batch size, ...), not the command line's defaults; an "auto" convolution resolved."""
+    if output is None and multi:
+        raise ConfigError("a multi-process run needs --output: one run directory that every process can reach")
+    run = RunDir(output) if output else RunDir.new(cfg)
+    if resume:
+        if not run.exists():
+            raise CheckpointError(f"cannot resume: {run} is not a run directory (no config.json)")
+        cfg = run.read_config()
+    if cfg.model.conv == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv=resolve("auto")))
+    return run, cfg
+
+
+def _load_images(folder: Path, cfg: TrainConfig, *, images: ImageSet | None, cache: bool, monitor: Monitor,
+                 multi: bool) -> ImageSet:
+    """The folder decoded at the training resolution: through the decoded-image cache (cache.py),
+    in memory, or as given; with several processes, checked to be the same images everywhere."""
+    size = working_size(cfg.model.image_size)
+    if images is not None:
+        data = images
+    elif cache:
+        data = load_cached(folder, size, on_progress=monitor.loading)[0]
+    else:
+        data = load_folder(folder, size, on_progress=monitor.loading)
+    if multi:
+        digest = zlib.crc32("\n".join(data.paths).encode("utf-8", "surrogateescape")) & 0x7FFFFFFF
+        seen = agree([len(data), digest])
+        if (seen != seen[0]).any():
+            counts = ", ".join(f"process {i}: {n}" for i, n in enumerate(seen[:, 0]))
+            raise ConfigError(f"the processes see different images in {folder} ({counts}); "
+                              "every process must read the same folder")
+    if len(data) < 2:
+        raise ConfigError(f"{folder} has {len(data)} usable image; contrastive training needs at least 2")
+    return data
+
+
+def _report_skipped(run: RunDir, data: ImageSet, monitor: Monitor) -> None:
+    if not data.skipped:
+        return
+    listed = run.write_skipped(data.skipped)
+    monitor.warn(f"skipped {len(data.skipped)} of {len(data) + len(data.skipped)} files (listed in {listed}): "
+                 + "; ".join(f"{p}: {r}" for p, r in data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""))
+
+
+def _fit_batch(cfg: TrainConfig, n_images: int, mesh, run: RunDir, *, resume: bool, monitor: Monitor) -> TrainConfig:
+    """A batch larger than the folder would repeat images, making copies each other's negatives:
+    shrink it to the largest that fits the folder and the devices (and say so)."""
+    if cfg.batch_size <= n_images:
+        return cfg
+    fit = n_images - n_images % mesh.devices.size
+    if fit < 2:
+        raise ConfigError(f"{n_images} images cannot fill a batch on {mesh.devices.size} devices")
+    monitor.warn(f"batch size {cfg.batch_size} is larger than the {n_images} images; using {fit}")
+    cfg = dataclasses.replace(cfg, batch_size=fit)
+    if not resume:
+        run.save_config(cfg)
+    return cfg
+
+
+@dataclass
+class _State:
+    """The train state with what the loop needs besides: its graph, optimizer and step range."""
+
+    graphdef: object
+    tx: object
+    tree: dict
+    start: int
+    total: int
+
+
+def _build_state(cfg: TrainConfig, run: RunDir, mesh, *, resume: bool, n_images: int, monitor: Monitor) -> _State:
+    """The first state on the devices, or on --resume the newest checkpoint's."""
+    # With a time budget the total is a first guess until the compiled step's speed is measured.
+    total = cfg.total_steps(n_images)
+    tx = make_optimizer(cfg)
+    graphdef, tree = init_state(cfg, tx, replicated(mesh))
+    tree["total"] = jax.device_put(np.int32(total), replicated(mesh))
+    start = 0
+    if resume:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+        restored = run.restore_state(abstract)
+        if restored is not None:
+            start, tree = restored
+            total = int(tree["total"])  # the schedule the run started with (a time budget set it)
+        run.truncate_metrics(start)
+    if start >= total:
+        monitor.warn(f"{run} already finished all {total} steps; nothing to do")
+    return _State(graphdef, tx, tree, start, total)
+
+
+def _step_function(cfg: TrainConfig, state: _State, mesh, batch: jax.ShapeDtypeStruct, step_cache: Path | None):
+    """The jitted train step: traced here, or loaded from `step_cache` when a run with the same
+    code, config, shapes and devices traced it before (perf/stepcache.py)."""
+    if step_cache is not None:
+        try:
+            from ..perf.stepcache import make_cached_step
+        except ImportError:  # the speed wing is not installed
+            pass
+        else:
+            return make_cached_step(cfg, state.graphdef, state.tx, mesh, state.tree, batch, step_cache)
+    return make_step(cfg, state.graphdef, state.tx, mesh)
+
+
+@dataclass
+class _Result:
+    step: int
+    loss: float
+    first_step_s: float | None
+    loop_s: float
+
+
+def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, state: _State, step_fn, *,
+           probe: KnnProbe | None, budget: Budget | None, monitor: Monitor, multi: bool) -> _Result:
+    """The steps from state.start to the total: log, probe, checkpoint, stop on a signal."""
+    tree, start, total = state.tree, state.start, state.total
+    mngr = run.checkpoints(cfg.keep_checkpoints)
+    loader = Prefetcher(data.images, cfg, start, sharding=batch_sharding(mesh))
+    book = Logbook(run.metrics if is_primary() else None, cfg, start, monitor.warn)
+    check = FiniteCheck(start)
+    step = start
+    proposal = None  # a new step total from the time budget, not yet agreed on
+    try:
+        loop_t0 = time.perf_counter()
+        with SignalFlag() as flag:
+            while step < total:
+                tw = time.perf_counter()
+                batch = loader.get()
+                book.count(time.perf_counter() - tw)
+                ts = time.perf_counter()
+                tree, out = step_fn(tree, batch)
+                step += 1
+                check.add(step, out)
+                if budget:
+                    proposal = budget.update(step, start, out) or proposal
+                due = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                # Signals and the time budget are per process; with several processes they are agreed
+                # on (one small collective) only at steps every process recognises, so all of them
+                # log, save and stop at the same step. Process 0's clock sets the budget.
+                stop = 0
+                if not multi or due or step % cfg.log_every == 0 or step == total or step - start in (1, 4):
+                    votes = agree([flag.signum, -1 if proposal is None else proposal])
+                    stop, proposal = int(votes[:, 0].max()), None
+                    if votes[0, 1] >= 0 and votes[0, 1] != total:
+                        total = max(int(votes[0, 1]), step)
+                        tree["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
+                is_eval = probe is not None and not stop and (
+                    step == total or bool(cfg.eval_every and step % cfg.eval_every == 0))
+                record = None
+                if step % cfg.log_every == 0 or step in (total, start + 1) or stop or is_eval:
+                    check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
+                    # The probe runs before the next step: that step donates (invalidates) this state.
+                    knn = probe(state.graphdef, mesh, tree["params"], tree["stats"]) if is_eval else None
+                    record = book.record(step, out, ts, knn=knn)
+                monitor.step(step, total, record)
+                if stop or due:
+                    check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)  # never save a bad state
+                    checkpoint.save(mngr, step, tree)
+                if stop:
+                    mngr.wait_until_finished()
+                    raise TrainingInterrupted(
+                        f"stopped by {signal.Signals(stop).name} after step {step}; checkpoint saved, continue "
+                        f"with: contrastive pretrain {folder} --output {run} --resume", stop)
+            loop_s = time.perf_counter() - loop_t0  # the steps alone: no set-up, final save or plot
+            if step > start and mngr.latest_step() != step:
+                check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
+                checkpoint.save(mngr, step, tree)
+            mngr.wait_until_finished()
+    finally:
+        loader.close()
+        book.close()
+        mngr.close()
+    return _Result(step, book.loss, book.first_step_s, loop_s)
+
+
+def _finish(run: RunDir, summary: dict, monitor: Monitor) -> None:
+    run.write_summary(summary)
+    if is_primary():
+        try:
+            plot_metrics(run.path)
+        except Exception as e:  # a picture is never worth a failed run
+            monitor.warn(f"could not plot {run.metrics}: {type(e).__name__}: {e}")
+    monitor.end(summary)
