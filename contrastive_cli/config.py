@@ -121,7 +121,7 @@ class TrainConfig:
     loss: str = "ntxent"
     temperature: float = 0.5
     optimizer: str = "adamw"
-    lr: float = 0.0  # 0: the optimizer's default scaled with the batch size (see train.learning_rate)
+    lr: float = 0.0  # 0: the optimizer's default scaled with the batch size (see train/optim.py learning_rate)
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     seed: int = 0
@@ -192,14 +192,19 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from its JSON form; keys this version does not know (a newer tool's) are left out
+        at every level, and missing ones (an older tool's) take their defaults."""
         data = dict(data)
-        model = ModelConfig(**data.pop("model", {}))
-        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("augment", {}).items()})
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(model=model, augment=augment, **{k: v for k, v in data.items() if k in known})
+        model = ModelConfig(**_known(ModelConfig, data.pop("model", {})))
+        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in _known(AugmentConfig, data.pop("augment", {})).items()})
+        return cls(model=model, augment=augment, **_known(cls, data))
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write config.json atomically (a reader sees the old file or the new one)."""
+        from .files import write_json_atomic
+
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -207,3 +212,10 @@ class TrainConfig:
             return cls.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

@@ -71,8 +71,11 @@ class TrainDisplay:
         if self.quiet:
             return
         resumed = f", resuming at step {info['start']}" if info["start"] else ""
+        # With a time budget the step count is not known until the compiled step's speed is measured.
+        length = (f"{info['steps']} steps" if info.get("steps") is not None
+                  else f"{info['time_budget']:g} minutes of steps")
         err.print(f"training on {info['images']} images ({info['skipped']} skipped) in {info['load_s']:.1f} s decode; "
-                  f"{info['steps']} steps of {info['batch_size']} pairs on {info['devices']} "
+                  f"{length} of {info['batch_size']} pairs on {info['devices']} "
                   f"{info['backend']} device(s){resumed} -> {info['output']}", soft_wrap=True)
         self._progress = _progress(TextColumn("{task.fields[stats]}"))
         self._progress.start()

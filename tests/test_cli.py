@@ -45,6 +45,7 @@ def trained(tmp_path_factory):
     return root, images, run, result
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_self_describing_run(trained):
     root, images, run, result = trained
     assert result.stdout.strip().endswith(str(run))
@@ -62,6 +63,7 @@ def test_pretrain_writes_a_self_describing_run(trained):
     assert "broken.jpg" in result.stderr and "skipped 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_embed_then_similarity(trained, tmp_path):
     root, images, run, _ = trained
     out = tmp_path / "emb.npy"
@@ -91,6 +93,7 @@ def test_embed_then_similarity(trained, tmp_path):
     assert forced.exit_code == 0 and np.load(out).dtype == np.float16
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(trained):
     root, images, run, _ = trained
     before = (run / "metrics.jsonl").read_text()
@@ -118,12 +121,14 @@ def test_folder_of_non_images_exits_1(tmp_path):
     assert "none of the 2 image files" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_similarity_of_missing_image(trained, tmp_path):
     _, images, run, _ = trained
     result = runner.invoke(app, ["similarity", str(tmp_path / "nope.jpg"), str(tmp_path / "x.jpg"), "-m", str(run)])
     assert result.exit_code == 1 and "image not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_help_does_not_import_jax():
     code = "import sys; from contrastive_cli.cli import app; assert 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -133,6 +138,7 @@ def test_help_does_not_import_jax():
     assert time.perf_counter() - t < 5
 
 
+@pytest.mark.slow
 def test_augmentation_knobs_reach_the_saved_config(trained, tmp_path):
     _, images, _, _ = trained
     run = tmp_path / "aug"

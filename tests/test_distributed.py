@@ -16,6 +16,8 @@ from contrastive_cli.mesh import batch_sharding, data_mesh, init_distributed, lo
 from contrastive_cli.train.loop import pretrain
 from test_cli import write_images
 
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
+
 STEPS = 3
 
 

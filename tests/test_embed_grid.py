@@ -58,6 +58,7 @@ def test_grid_must_fit_the_feature_map(size, grid):
         ModelConfig(image_size=size, embed_grid=grid)
 
 
+@pytest.mark.slow
 def test_pretrain_embed_grid_reaches_embed_and_evaluate(tmp_path):
     images = tmp_path / "images"
     for c in ("a", "b"):
@@ -81,6 +82,7 @@ def test_pretrain_embed_grid_reaches_embed_and_evaluate(tmp_path):
     assert json.loads(out.stdout)["dim"] == 256
 
 
+@pytest.mark.slow
 def test_grid_larger_than_the_feature_map_is_a_one_line_error(tmp_path):
     write_images(tmp_path / "images", n=4, size=20)
     out = runner.invoke(app, ["pretrain", str(tmp_path / "images"), "-o", str(tmp_path / "run"), "--steps", "1",

@@ -67,6 +67,7 @@ def labeled(tmp_path_factory):
     return root, run
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_separable_folder(labeled):
     root, run = labeled
     out = runner.invoke(app, ["evaluate", str(root), "--model", str(run), "--json", "-k", "5"])
@@ -78,6 +79,7 @@ def test_evaluate_cli_on_separable_folder(labeled):
     assert table.exit_code == 0 and "embeddings" in table.stdout and "raw pixels" in table.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_unlabeled_folder(labeled, tmp_path):
     _, run = labeled
     Image.new("RGB", (20, 20)).save(tmp_path / "loose.png")

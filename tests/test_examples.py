@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -30,9 +32,10 @@ def contrastive_commands(block):
 def test_readme_gives_two_commands_and_ci_runs_the_test_command():
     run_block, test_block = quick_start_blocks()
     assert "pip install ." in run_block and "contrastive pretrain examples/" in run_block
-    test_cmd = test_block.split(" && ")[-1]
-    assert "pytest" in test_cmd
-    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+    tests = [c for c in test_block.split(" && ") if "pytest" in c]
+    assert [c.rsplit("-m ", 1)[-1] for c in tests] == ['"not slow"', "slow"]  # every test runs, fast set first
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert " && ".join(tests) in ci
 
 
 def test_readme_main_job_runs(tmp_path):

@@ -1,11 +1,12 @@
-"""fastconv.conv2d equals lax.conv_general_dilated in value and in both gradients, under jax.jit."""
+"""fastconv.conv2d and conv2d_im2col equal lax.conv_general_dilated in value and in both gradients,
+under jax.jit; conv2d hands Winograd's layers to winograd.conv3x3, conv2d_im2col never does."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from contrastive_cli import fastconv
+from contrastive_cli.perf import fastconv, winograd
 
 # (N, H, W, C, O, k, stride, padding): stem, downsampling, 1x1 shortcuts, odd sizes, batch 1 and 5,
 # 'valid' and wider-than-kernel padding.
@@ -152,15 +153,53 @@ def test_reads_which_library_runs_xla_convs_from_xla_flags(monkeypatch, flags, y
     assert fastconv._ynnpack_convs() == ynnpack
 
 
-def test_enabled_follows_backend_and_env(monkeypatch):
-    monkeypatch.delenv("CONTRASTIVE_FAST_CONV", raising=False)
-    assert fastconv.enabled() == (jax.default_backend() == "cpu")
-    monkeypatch.setenv("CONTRASTIVE_FAST_CONV", "0")
-    assert not fastconv.enabled()
+@pytest.mark.parametrize("conv", ["conv2d", "conv2d_im2col"])
+def test_both_entry_points_match_lax_where_winograd_applies(conv, conv_backend):
+    """A 3x3/1 layer of 128 channels: conv2d runs Winograd there, conv2d_im2col its im2col parts."""
+    x, kernel, stride, padding = operands((2, 4, 4, 128, 16, 3, 1, 1))
+    dy = normal((2, 4, 4, 16), 5)
+    fast_conv = getattr(fastconv, conv)
+
+    @jax.jit
+    def both(x, kernel, dy):
+        fast = jax.vjp(lambda x, k: fast_conv(x, k, stride=stride, padding=padding), x, kernel)
+        ref = jax.vjp(lambda x, k: reference(x, k, stride, padding), x, kernel)
+        return (fast[0], *fast[1](dy)), (ref[0], *ref[1](dy))
+
+    for got, expected in zip(*both(x, kernel, dy)):
+        close(got, expected, 1e-4)
+
+
+def test_conv2d_runs_winograd_where_it_applies_and_conv2d_im2col_never(monkeypatch):
+    x, kernel, _, _ = operands((2, 4, 4, 128, 16, 3, 1, 1))
+    calls = []
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, k: calls.append(x.shape) or reference(x, k, 1, 1))
+    fastconv.conv2d(x, kernel, stride=1, padding=1)
+    assert calls == [(2, 4, 4, 128)]
+    fastconv.conv2d_im2col(x, kernel, stride=1, padding=1)
+    fastconv.conv2d(x, kernel, stride=2, padding=1)  # strided: not Winograd's case
+    fastconv.conv2d(x[..., :64], kernel[:, :, :64], stride=1, padding=1)  # too few channels
+    assert calls == [(2, 4, 4, 128)]
+
+
+@pytest.mark.parametrize("name", ["CONTRASTIVE_WINOGRAD", "CONTRASTIVE_FAST_CONV"])
+def test_no_environment_variable_switches_winograd(monkeypatch, name):
+    # The model's config names the convolution (nn/conv.py); the environment no longer does.
+    case = ((2, 8, 8, 128), (3, 3, 128, 64), 1, 1, jnp.float32)
+    for value in ("0", "1"):
+        monkeypatch.setenv(name, value)
+        assert winograd.applies(*case) is True
+    calls = []
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, k: calls.append(x.shape) or reference(x, k, 1, 1))
+    monkeypatch.setenv(name, "0")
+    x, kernel, _, _ = operands((2, 4, 4, 128, 16, 3, 1, 1))
+    fastconv.conv2d(x, kernel, stride=1, padding=1)
+    assert calls == [(2, 4, 4, 128)]
 
 
 @pytest.mark.parametrize("bad", [dict(stride=0), dict(padding=-1), dict(stride=1.5)])
 def test_rejects_bad_stride_or_padding_with_values(bad):
     x, kernel, _, _ = operands(SHAPES[0])
-    with pytest.raises(ValueError, match=str(next(iter(bad.values())))):
-        fastconv.conv2d(x, kernel, **bad)
+    for conv in (fastconv.conv2d, fastconv.conv2d_im2col):
+        with pytest.raises(ValueError, match=str(next(iter(bad.values())))):
+            conv(x, kernel, **bad)

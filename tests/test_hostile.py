@@ -23,6 +23,8 @@ from contrastive_cli.cli import app
 from contrastive_cli.infer.embed import embed_folder
 from hostile import write_good_folder, write_hostile_folder
 
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
+
 runner = CliRunner()
 TINY = ["--batch-size", "4", "--image-size", "16", "--quiet"]
 

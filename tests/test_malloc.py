@@ -7,6 +7,8 @@ import pytest
 
 from contrastive_cli.perf.malloc import HUGE_PAGES, NEVER_TRIM
 
+pytestmark = pytest.mark.slow  # subprocesses
+
 # malloc, fill and free a 64 MiB block three times (as XLA does a step's buffers); print the page
 # faults of the last two.
 PROBE = """

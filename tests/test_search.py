@@ -229,6 +229,7 @@ def planted_folder(tmp_path_factory):
     return emb, folder, run, planted
 
 
+@pytest.mark.slow
 def test_planted_copies_group_with_their_originals(planted_folder):
     emb, folder, run, planted = planted_folder
     x, index = load_embeddings(emb)
@@ -243,6 +244,7 @@ def test_planted_copies_group_with_their_originals(planted_folder):
     assert s[same & off].min() > THRESHOLD > s[~same].max()
 
 
+@pytest.mark.slow
 def test_neighbors_of_an_image_file_finds_its_copies(planted_folder):
     emb, folder, run, planted = planted_folder
     original = sorted(planted)[0]
@@ -261,6 +263,7 @@ def emb(tmp_path):
     return write_embeddings(tmp_path / "e.npy", planted(), root=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands_without_importing_jax():
     code = ("import sys; from typer.testing import CliRunner; from contrastive_cli.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); assert 'jax' not in sys.modules, 'jax imported'; print(r.stdout)")
@@ -272,6 +275,7 @@ def test_help_lists_the_commands_without_importing_jax():
         assert result.exit_code == 0 and "--json" in result.stdout and "--csv" in result.stdout
 
 
+@pytest.mark.slow
 def test_neighbors_by_row_and_path_leave_the_query_out(emb):
     result = runner.invoke(app, ["neighbors", str(emb), "--row", "3", "-k", "3"])
     assert result.exit_code == 0, result.output
@@ -292,6 +296,7 @@ def test_neighbors_by_row_and_path_leave_the_query_out(emb):
     assert "only 59 other rows" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, code, message", [
     (["--row", "1", "--path", "img001.png"], 2, "exactly one of"),
     ([], 2, "exactly one of"),
@@ -307,6 +312,7 @@ def test_neighbors_usage_errors(emb, args, code, message):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_duplicates_csv_json_and_cross(emb, tmp_path):
     result = runner.invoke(app, ["duplicates", str(emb), "--threshold", "0.99"])
     assert result.exit_code == 0, result.output
@@ -326,6 +332,7 @@ def test_duplicates_csv_json_and_cross(emb, tmp_path):
     assert [p["score"] for p in pairs] == sorted((p["score"] for p in pairs), reverse=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, code, message", [
     (["-t", "1.5"], 2, "--threshold"),
     ([], 2, "--threshold"),

@@ -12,6 +12,8 @@ from contrastive_cli.train import optim, state as train_state, step as train_ste
 from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
 
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
+
 CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), optimizer="sgd")
 
 

@@ -82,6 +82,7 @@ def _one_step(monkeypatch, fast: bool):
     return float(out["loss"]), before, jax.tree.map(np.asarray, state["params"])
 
 
+@pytest.mark.slow
 def test_resnet18_train_step_equals_the_plain_xla_step(monkeypatch):
     """ResNet-18 at 16 px runs Winograd in layers 2-4 (and fastconv's other parts) on the CPU path."""
     calls, conv3x3 = [], winograd.conv3x3

@@ -1,6 +1,9 @@
 """perf/xla.py: the Eigen-convolution XLA flag, added before JAX starts and only then."""
+import pytest
 import subprocess
 import sys
+
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
 
 
 def xla_flags(env: dict) -> str:

@@ -81,7 +81,7 @@ class RunDir:
 
     def save_config(self, cfg: TrainConfig) -> None:
         if is_primary():
-            write_json_atomic(self.path / "config.json", cfg.to_json())
+            cfg.save(self.path / "config.json")
 
     def write_skipped(self, skipped: list[tuple[str, str]]) -> Path:
         path = self.path / "skipped.txt"

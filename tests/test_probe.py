@@ -19,6 +19,8 @@ from contrastive_cli.train.loop import Monitor, pretrain
 from contrastive_cli.train.optim import make_optimizer
 from test_cli import write_images
 
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
+
 runner = CliRunner()
 
 

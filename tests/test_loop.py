@@ -24,6 +24,8 @@ from contrastive_cli.train.optim import make_optimizer
 from contrastive_cli.train.step import working_size
 from test_cli import write_images
 
+pytestmark = pytest.mark.slow  # real training runs or subprocesses
+
 runner = CliRunner()
 STEPS = 8
 CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), steps=STEPS)  # what the CLI builds from ARGS

@@ -1,0 +1,97 @@
+"""checkpoint.py: the model apart from the training state. An encoder loads from a checkpoint that
+holds no optimizer state; runs saved in the old one-item layout still load and resume."""
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from contrastive_cli import checkpoint
+from contrastive_cli.cli import app
+from contrastive_cli.config import ModelConfig, TrainConfig
+from contrastive_cli.errors import CheckpointError
+from contrastive_cli.infer.encoder import load_encoder
+from contrastive_cli.train.loop import pretrain
+
+pytestmark = pytest.mark.slow  # real training runs
+
+runner = CliRunner()
+CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), steps=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    pretrain(root / "images", CFG, root / "run", cache=False)
+    return root
+
+
+def copy_run(trained, tmp_path):
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_step_is_saved_as_model_and_train_items(trained):
+    (step,) = checkpoint.saved_steps(trained / "run")
+    items = sorted(p.name for p in (trained / "run" / "checkpoints" / str(step)).iterdir() if p.is_dir())
+    assert items == ["model", "train"]
+
+
+def test_embed_similarity_and_evaluate_need_no_optimizer_state(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    reference = load_encoder(trained / "run")
+    (step,) = checkpoint.saved_steps(run)
+    shutil.rmtree(run / "checkpoints" / str(step) / "train")  # the optimizer's moments, step, schedule
+    encoder = load_encoder(run)
+    for a, b in zip(jax.tree.leaves((encoder.params, encoder.stats)), jax.tree.leaves((reference.params, reference.stats))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    images = trained / "images"
+    out = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(tmp_path / "e.npy")])
+    assert out.exit_code == 0, out.output
+    assert np.load(tmp_path / "e.npy").shape == (12, encoder.dim)
+    out = runner.invoke(app, ["similarity", str(images / "a" / "0.png"), str(images / "b" / "0.png"), "--model", str(run)])
+    assert out.exit_code == 0 and -1 <= float(out.stdout) <= 1
+    out = runner.invoke(app, ["evaluate", str(images), "--model", str(run), "--json"])
+    assert out.exit_code == 0, out.output
+    # ... while resuming it needs the training state, and says so in one line
+    with pytest.raises(CheckpointError, match="holds no training state"):
+        pretrain(images, CFG, run, resume=True, cache=False)
+
+
+def _to_legacy_layout(run):
+    """Rewrite the run's checkpoint as runs before 0.2 saved it: one `default` item, whole state."""
+    import orbax.checkpoint as ocp
+
+    (step,) = checkpoint.saved_steps(run)
+    where = run / "checkpoints" / str(step)
+    state = {**ocp.StandardCheckpointer().restore(where / "model"), **ocp.StandardCheckpointer().restore(where / "train")}
+    shutil.rmtree(where)
+    mngr = ocp.CheckpointManager(run.absolute() / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(step, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    mngr.close()
+    assert sorted(p.name for p in where.iterdir() if p.is_dir()) == ["default"]
+
+
+def test_a_run_in_the_old_layout_still_embeds_and_resumes(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    _to_legacy_layout(run)
+    old, new = load_encoder(run), load_encoder(trained / "run")
+    x = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(old.embed(x), new.embed(x))
+    summary = pretrain(trained / "images", CFG, run, resume=True, cache=False)  # the whole state restores
+    assert summary["resumed_from"] == 2 and summary["steps"] == 2
+
+
+def test_no_checkpoint_is_a_one_line_error(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    CFG.save(tmp_path / "run" / "config.json")
+    with pytest.raises(CheckpointError, match="has no checkpoint yet"):
+        load_encoder(tmp_path / "run")
