@@ -11,7 +11,6 @@ with a partial restore). Orbax writes each step to a temporary folder and rename
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from .config import TrainConfig
 from .errors import CheckpointError

@@ -21,7 +21,28 @@ from .config import (CONV_CHOICES, EMBEDDING_DTYPES, ENCODERS, LOSSES, OPTIMIZER
                      ModelConfig, TrainConfig)
 from .errors import ContrastiveError
 
+class _FlagsWithoutType:
+    """Typer's Rich help shows `<bool>` beside every flag (--help, --force, ...), which takes no
+    value; give flags an empty type label instead."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsWithoutType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_FlagsWithoutType, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Learn image representations from folders of unlabeled images (contrastive self-supervised "
          "learning on JAX), then embed and compare images with them.",
     no_args_is_help=True,
@@ -142,7 +163,7 @@ def _run(fn, *args, **kwargs):
         raise typer.Exit(1) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; labels not needed).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory. Default: a new folder under ./runs/.")] = None,
@@ -215,7 +236,7 @@ def pretrain(
     typer.echo(summary["output"])  # stdout: the run directory, for scripts
 
 
-@app.command()
+@app.command(cls=_Command)
 def embed(
     folder: Annotated[Path, typer.Argument(help="Folder of images to embed (recursive).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")],
@@ -244,7 +265,7 @@ def embed(
     typer.echo(str(output))
 
 
-@app.command()
+@app.command(cls=_Command)
 def similarity(
     a: Annotated[Path, typer.Argument(help="First image.")],
     b: Annotated[Path, typer.Argument(help="Second image.")],
@@ -276,7 +297,7 @@ def _csv(header: list[str], rows: list[list]) -> None:
     writer.writerows(rows)
 
 
-@app.command()
+@app.command(cls=_Command)
 def neighbors(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
     query: Annotated[Path | None, typer.Option("--query", help="Image file to embed and search for.")] = None,
@@ -311,7 +332,7 @@ def neighbors(
             typer.echo(f"{n['rank']:>4}  {n['row']:>{width}}  {n['cosine']:>9.6f}  {n['path']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def duplicates(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
     threshold: Annotated[float, typer.Option("--threshold", "-t", callback=_range(-1.0, 1.0), help="Cosine at or above which two images count as near-duplicates; depends on the model, so check a few pairs with `neighbors` first.")],
@@ -355,7 +376,7 @@ def duplicates(
              [[g["group"], m["row"], m["path"], f"{m['score']:.6f}"] for g in groups for m in g["members"]])
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     folder: Annotated[Path | None, typer.Argument(help="Labeled folder: one subfolder per class. Split per class into train/test.")] = None,
     model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")] = None,
@@ -392,7 +413,7 @@ def evaluate(
                  f"model {result['model']} at step {result['step']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plot(
     run: Annotated[Path, typer.Argument(help="Run directory written by `contrastive pretrain`.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file to write. Default: RUN/metrics.png.")] = None,

@@ -151,3 +151,14 @@ def test_augmentation_knobs_reach_the_saved_config(trained, tmp_path):
     assert aug["brightness"] == pytest.approx(0.4) and aug["hue"] == pytest.approx(0.1)
     bad = runner.invoke(app, ["pretrain", str(images), "--blur-p", "1.5"])
     assert bad.exit_code == 2 and "1.5" in bad.stderr
+
+
+def test_help_shows_no_type_beside_flags_and_offers_completion_and_version():
+    from contrastive_cli import __version__
+
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "120"})
+    assert out.exit_code == 0 and "<bool>" not in out.stdout
+    assert "--install-completion" in out.stdout and "--version" in out.stdout
+    assert "<bool>" not in CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "120"}).stdout
+    version = CliRunner().invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.stdout.strip() == f"contrastive {__version__}"

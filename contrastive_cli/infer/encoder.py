@@ -21,7 +21,7 @@ from .. import checkpoint
 from ..config import TrainConfig
 from ..data.decode import decode_or_reason, quiet_pillow
 from ..errors import InputError
-from ..mesh import batch_sharding, data_mesh, replicated
+from ..mesh import batch_sharding, data_mesh, global_batch, local_rows, replicated
 from ..nn import augment
 from ..nn.conv import resolve
 from ..nn.models import build_model, feature_dim
@@ -41,10 +41,7 @@ class Encoder:
 
     def __post_init__(self):
         self._mesh = data_mesh()
-        n = self._mesh.devices.size
-        self.batch_size = -(-self.batch_size // n) * n  # a multiple of the device count
-        repl = replicated(self._mesh)
-        self._forward = jax.jit(unit_features(self.graphdef, self.cfg), in_shardings=(repl, repl, batch_sharding(self._mesh)))
+        self._forward = sharded_forward(self.graphdef, self.cfg, self._mesh)
 
     @property
     def image_size(self) -> int:
@@ -55,15 +52,7 @@ class Encoder:
         return feature_dim(self.cfg.model)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        out = np.empty((len(images), self.dim), np.float32)
-        b = self.batch_size
-        for i in range(0, len(images), b):
-            chunk = images[i:i + b]
-            n = len(chunk)
-            if n < b:  # pad to the compiled shape: one compile whatever the folder size
-                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-            out[i:i + n] = np.asarray(self._forward(self.params, self.stats, chunk))[:n]
-        return out
+        return embed_in_batches(self._forward, self.params, self.stats, images, self._mesh, self.batch_size)
 
 
 def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig):
@@ -76,6 +65,31 @@ def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig):
         return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
 
     return forward
+
+
+def sharded_forward(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh):
+    """`unit_features` jitted over `mesh`: the batch split over its devices, the embeddings
+    replicated (every process gets all rows)."""
+    repl = replicated(mesh)
+    return jax.jit(unit_features(graphdef, cfg), in_shardings=(repl, repl, batch_sharding(mesh)), out_shardings=repl)
+
+
+def embed_in_batches(forward, params, stats, images: np.ndarray, mesh, batch_size: int) -> np.ndarray:
+    """float32 [N, F]: `forward` (sharded_forward's) over uint8 `images` [N, S, S, 3], `batch_size`
+    rows at a time (rounded up to a multiple of the devices; the last batch padded to that shape,
+    so one compile serves any N). Every process passes all N rows and feeds its devices' share."""
+    n_dev = mesh.devices.size
+    b = -(-batch_size // n_dev) * n_dev
+    sharding = batch_sharding(mesh)
+    rows = local_rows(sharding, b)
+    out = []
+    for i in range(0, len(images), b):
+        chunk = np.asarray(images[i:i + b])
+        n = len(chunk)
+        if n < b:
+            chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(forward(params, stats, global_batch(chunk[rows], sharding, b)))[:n])
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
 
 def load_encoder(run_dir: Path, *, batch_size: int = 128, embed_grid: int = 0, conv: str | None = None) -> Encoder:

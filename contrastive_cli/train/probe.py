@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
 from ..config import TrainConfig
 from ..data.cache import load_cached
 from ..data.decode import load_folder
-from ..infer.encoder import unit_features
+from ..infer.encoder import embed_in_batches, sharded_forward
 from ..infer.knn import KNN_K, class_labels, knn_accuracy, stratified_split
-from ..mesh import batch_sharding, global_batch, local_rows, replicated
 
 TEST_FRACTION = 0.2  # as `contrastive evaluate`'s default
 CHUNK = 256  # images per forward pass (rounded up to a multiple of the device count)
@@ -47,27 +45,11 @@ class KnnProbe:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _compile(self, graphdef: nnx.GraphDef, mesh):
-        repl = replicated(mesh)
-        # Output replicated: every process gets all rows (process 0 scores them).
-        return jax.jit(unit_features(graphdef, self.cfg), in_shardings=(repl, repl, batch_sharding(mesh)), out_shardings=repl)
-
     def embed(self, graphdef: nnx.GraphDef, mesh, params, stats) -> np.ndarray:
         """float32 [N, F] unit embeddings of the folder's images, row i <-> label i."""
         if self._forward is None:
-            self._forward = self._compile(graphdef, mesh)
-        n_dev = mesh.devices.size
-        b = -(-min(CHUNK, len(self)) // n_dev) * n_dev
-        sharding = batch_sharding(mesh)
-        rows = local_rows(sharding, b)
-        out = []
-        for i in range(0, len(self), b):
-            chunk = self.images[i:i + b]
-            n = len(chunk)
-            if n < b:  # pad to the compiled shape: one compile whatever the folder size
-                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self._forward(params, stats, global_batch(chunk[rows], sharding, b)))[:n])
-        return np.concatenate(out)
+            self._forward = sharded_forward(graphdef, self.cfg, mesh)
+        return embed_in_batches(self._forward, params, stats, self.images, mesh, min(CHUNK, len(self)))
 
     def __call__(self, graphdef: nnx.GraphDef, mesh, params, stats) -> float:
         emb = self.embed(graphdef, mesh, params, stats)
