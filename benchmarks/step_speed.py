@@ -2,7 +2,7 @@
 
 Times `train.make_step` (augmentation, encoder, projection head, NT-Xent, SGD: one jitted program)
 on random uint8 images, small CNN and ResNet-18 at 32x32. Each variant is a worker process of its
-own (CONTRASTIVE_FAST_CONV and XLA_FLAGS are read before JAX starts); the driver asks the workers
+own (its convolution, ModelConfig.conv, and XLA_FLAGS, read before JAX starts); the driver asks the workers
 for one step each in turn, so machine load hits all variants alike, and reports medians. It also
 checks the variants compute the same step: the first step's loss and parameter update are compared
 with the first variant's. The peer, shared/peers/lightly_simclr_bench.py in its own venv on the
@@ -20,12 +20,13 @@ One JSON line per figure; pairs/s = pairs of views per second.
     python benchmarks/step_speed.py --peer-args="" --peer-args="--views concat" --peer-args=--channels_last
 
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
-(runtime.tune_malloc) and without huge pages (runtime.malloc_tunables_environ), e.g. `plain-fast`; a `nowino-` prefix turns off Winograd convolutions
-(winograd.py; `CONTRASTIVE_WINOGRAD=0`), e.g. `nowino-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
+(perf/malloc.py tune_malloc) and without huge pages (malloc_tunables_environ), e.g. `plain-fast`; `fast` runs
+the "winograd" convolution, `native` XLA's ("xla"); a `nowino-` prefix runs "im2col" (fastconv without Winograd),
+e.g. `nowino-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
 default does (TrainConfig.views: `concat`, one pass over both) unless a suffix says `+separate`
 (one pass each) or `+concat`, e.g. `fast+separate`. The peer gets its script's defaults (views separate) plus
 each --peer-args. Without flags the
-tool's own XLA flags apply (runtime.prefer_eigen_convolutions); `:default` runs XLA's defaults
+tool's own XLA flags apply (perf/xla.py prefer_eigen_convolutions); `:default` runs XLA's defaults
 (YNNPACK convolutions):
 
     python benchmarks/step_speed.py --variants fast fast:default native:default
@@ -59,38 +60,44 @@ def setup(cfg):
     and a batch of random uint8 images (as the loader's: side working_size, split over the mesh)."""
     import jax
 
-    from contrastive_cli import train
     from contrastive_cli.mesh import batch_sharding, data_mesh, replicated
+    from contrastive_cli.train.optim import make_optimizer
+    from contrastive_cli.train.state import init_state
+    from contrastive_cli.train.step import working_size
 
     mesh = data_mesh()
-    tx = train.make_optimizer(cfg)
-    graphdef, state = train.init_state(cfg, tx, replicated(mesh))
-    r = train.working_size(cfg.model.image_size)
+    tx = make_optimizer(cfg)
+    graphdef, state = init_state(cfg, tx, replicated(mesh))
+    r = working_size(cfg.model.image_size)
     host = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, r, r, 3), dtype=np.uint8)
     return mesh, tx, graphdef, state, jax.device_put(host, batch_sharding(mesh))
 
 
 def build(cfg):
     """The jitted (traced) train step, its first state, and a batch of random uint8 images."""
-    from contrastive_cli import train
+    from contrastive_cli.train.step import make_step
 
     mesh, tx, graphdef, state, images = setup(cfg)
-    return train.make_step(cfg, graphdef, tx, mesh), state, images
+    return make_step(cfg, graphdef, tx, mesh), state, images
 
 
 # ---- worker: one variant, one process --------------------------------------------------------
 def worker(encoder: str, pairs: int, precision: str, views: str, update_path: str) -> None:
     """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
     sys.path.insert(0, str(ROOT))
-    import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
+    from contrastive_cli.perf import malloc, xla  # first: as `contrastive pretrain` switches the wing on
+
+    malloc.tune_malloc()  # before JAX starts threads (CONTRASTIVE_MALLOC_TUNING=0: left alone)
+    xla.prefer_eigen_convolutions()  # before JAX starts (CONTRASTIVE_XLA_FLAGS=0: XLA's defaults)
     import jax
     import jax.numpy as jnp
 
-    from contrastive_cli import augment, fastconv
     from contrastive_cli.config import ModelConfig, TrainConfig
+    from contrastive_cli.nn import augment
 
     # SGD as the peer; the optimizer barely moves step time.
-    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs, optimizer="sgd",
+    conv = os.environ["STEP_SPEED_CONV"]  # the variant's convolution (ModelConfig.conv)
+    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32, conv=conv), batch_size=pairs, optimizer="sgd",
                       precision=precision, views=TrainConfig.views if views == "default" else views)
     step, state, images = build(cfg)
     before = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
@@ -101,7 +108,7 @@ def worker(encoder: str, pairs: int, precision: str, views: str, update_path: st
     first = time.perf_counter() - t
     after = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
     np.save(update_path, np.concatenate([(a - b).ravel() for a, b in zip(after, before)]))
-    reply = {"ready": True, "first_s": first, "convs": convs, "loss": loss, "fast": fastconv.enabled()}
+    reply = {"ready": True, "first_s": first, "convs": convs, "loss": loss, "fast": conv != "xla"}
     print(json.dumps(reply), flush=True)
     aug = jax.jit(lambda im, key: jnp.concatenate(augment.augment_views(im, key=key, cfg=cfg.augment, size=32)))
     for line in sys.stdin:
@@ -154,13 +161,13 @@ class Worker(Process):
             raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
         if views not in ("", "separate", "concat"):
             raise SystemExit(f"variant {variant!r}: the suffix is +separate or +concat")
-        env = dict(os.environ, CONTRASTIVE_FAST_CONV="1" if kind == "fast" else "0",
+        conv = "xla" if kind == "native" else "im2col" if nowino else "winograd"
+        env = dict(os.environ, STEP_SPEED_CONV=conv,
                    XLA_FLAGS="" if flags == "default" else flags,
                    CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
-                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1",
-                   CONTRASTIVE_WINOGRAD="0" if nowino else "1")
+                   CONTRASTIVE_MALLOC_TUNING="0" if plain else "1")
         if not (plain or nohuge):  # as `contrastive pretrain` runs: glibc asked for huge pages
-            from contrastive_cli.runtime import malloc_tunables_environ
+            from contrastive_cli.perf.malloc import malloc_tunables_environ
 
             env = malloc_tunables_environ(env) or env
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
@@ -170,7 +177,7 @@ class Worker(Process):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.info = self._read()
         if self.info.get("fast") != (kind == "fast"):
-            raise SystemExit(f"variant {variant!r}: worker reports fastconv.enabled() = {self.info.get('fast')}")
+            raise SystemExit(f"variant {variant!r}: worker reports fast = {self.info.get('fast')}")
 
 
 # FLOPs of one training pair (two views, forward and backward) by torch's FlopCounter on the peer's
