@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from contrastive_cli.augment import augment_views
+from contrastive_cli.nn.augment import augment_views
 from contrastive_cli.config import AugmentConfig
 
 # (batch, output size, cached working resolution R)

@@ -30,22 +30,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def worker(encoder: str, pairs: int) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-    import contrastive_cli  # noqa: F401, I001  (first: it tunes malloc before JAX starts threads)
+    from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
+    perf.switch_on(reexec=False)
     import jax
 
     from contrastive_cli.config import ModelConfig, TrainConfig
-    from contrastive_cli.runtime import enable_compilation_cache
-    from contrastive_cli.stepcache import make_cached_step
+    from contrastive_cli.cli import _enable_compilation_cache as enable_compilation_cache
+    from contrastive_cli.perf.stepcache import make_cached_step
     from step_speed import setup  # the same state and images as the speed benchmark
 
     enable_compilation_cache()  # CONTRASTIVE_CACHE_DIR, set by the driver
-    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32), batch_size=pairs)
+    from contrastive_cli.nn.conv import resolve
+    from contrastive_cli.train.step import make_step
+
+    cfg = TrainConfig(model=ModelConfig(encoder=encoder, image_size=32, conv=resolve("auto")), batch_size=pairs)
     t = time.perf_counter()
     mesh, tx, graphdef, state, images = setup(cfg)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t
     t0 = time.perf_counter()
-    step = make_cached_step(cfg, graphdef, tx, mesh, state, jax.ShapeDtypeStruct(images.shape, images.dtype))
+    if os.environ.get("CONTRASTIVE_STEP_CACHE", "1") == "0":  # as the CLI: no step cache
+        step = make_step(cfg, graphdef, tx, mesh)
+    else:
+        step = make_cached_step(cfg, graphdef, tx, mesh, state, jax.ShapeDtypeStruct(images.shape, images.dtype))
     t1 = time.perf_counter()
     lowered = step.lower(state, images)
     t2 = time.perf_counter()

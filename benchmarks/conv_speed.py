@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from contrastive_cli import fastconv  # noqa: E402
+from contrastive_cli.perf import fastconv  # noqa: E402
 
 # (name, count in the network, N, H, C, O, k, stride); padding k // 2 as the models use.
 SMALL = [

@@ -18,15 +18,16 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-import contrastive_cli  # noqa: F401  (first: it tunes malloc before JAX starts threads)
-from contrastive_cli import runtime
+from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
 
-runtime.reexec_with_malloc_tunables()  # as the `contrastive` command runs
+perf.switch_on(reexec=True)  # as the `contrastive` command runs
 
 import jax
 from step_speed import setup  # the same state and images as the speed benchmark
 
-from contrastive_cli import stepcache, train
+from contrastive_cli.perf import stepcache
+from contrastive_cli.nn.conv import resolve
+from contrastive_cli.train.step import make_step
 from contrastive_cli.config import ModelConfig, TrainConfig
 
 
@@ -36,14 +37,15 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     a = p.parse_args()
-    cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=32), batch_size=a.pairs, optimizer="sgd")
+    cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=32, conv=resolve("auto")), batch_size=a.pairs,
+                      optimizer="sgd")
     steps, states = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for name in ("traced", "loaded"):
             mesh, tx, graphdef, state, images = setup(cfg)  # a fresh first state each
             spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
             if name == "traced":
-                step = train.make_step(cfg, graphdef, tx, mesh)
+                step = make_step(cfg, graphdef, tx, mesh)
             else:
                 stepcache.make_cached_step(cfg, graphdef, tx, mesh, state, spec, folder=Path(folder))  # saves
                 step = stepcache.make_cached_step(cfg, graphdef, tx, mesh, state, spec, folder=Path(folder))

@@ -14,7 +14,7 @@ Prints one JSON line per figure:
     .peer/bin/pip ...   # see ../shared/peers/README.md for the peer's venv
     python benchmarks/pipeline_speed.py --images 2000 --epochs 2 --repeats 3
 """
-from __future__ import annotations  # noqa: I001  (contrastive_cli before numpy/jax: see runtime.tune_malloc)
+from __future__ import annotations  # noqa: I001  (contrastive_cli.perf before numpy/jax: see perf/malloc.py tune_malloc)
 
 import argparse
 import json
@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import contrastive_cli  # noqa: F401  (before numpy: it tunes malloc before any thread starts)
+from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
+perf.switch_on(reexec=False)
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -76,11 +77,12 @@ def main() -> None:
 
     import jax
 
-    from contrastive_cli import augment
-    from contrastive_cli.cache import load_cached
+    from contrastive_cli.nn import augment
+    from contrastive_cli.data.cache import load_cached
     from contrastive_cli.config import AugmentConfig, ModelConfig, TrainConfig
-    from contrastive_cli.data import load_folder
-    from contrastive_cli.train import pretrain, working_size
+    from contrastive_cli.data.decode import load_folder
+    from contrastive_cli.train.loop import pretrain
+    from contrastive_cli.train.step import working_size
 
     folder = write_photos(a.work, a.images)
     r = working_size(a.size)
@@ -114,7 +116,7 @@ def main() -> None:
     ours, loops, waits, steady = [], [], [], []
     for i in range(a.repeats):
         run = Path(tempfile.mkdtemp()) / "run"
-        train_cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.size), batch_size=a.batch,
+        train_cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.size, conv="auto"), batch_size=a.batch,
                                 epochs=a.epochs)  # log_every as the CLI: 10
         s = pretrain(folder, train_cfg, run, cache=False)  # cold: decoding is part of the figure
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

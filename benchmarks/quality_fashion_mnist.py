@@ -8,7 +8,7 @@ reference, against raw pixels and a randomly initialised encoder. One JSON line 
     apt-get install dataset-fashion-mnist      # once (a real image set, MIT licence)
     python benchmarks/quality_fashion_mnist.py --minutes 10 --losses ntxent cosine
 """
-from __future__ import annotations  # noqa: I001  (contrastive_cli before numpy/jax: see runtime.tune_malloc)
+from __future__ import annotations  # noqa: I001  (contrastive_cli.perf before numpy/jax: see perf/malloc.py tune_malloc)
 
 import argparse
 import gzip
@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import contrastive_cli  # noqa: F401  (before numpy: it tunes malloc before any thread starts)
+from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
+perf.switch_on(reexec=False)
 import numpy as np
 from PIL import Image
 
@@ -65,9 +66,9 @@ def main() -> None:
         sys.exit(f"{SRC} not found: apt-get install dataset-fashion-mnist")
 
     from contrastive_cli.config import ModelConfig, TrainConfig
-    from contrastive_cli.embed import load_encoder, random_encoder
-    from contrastive_cli.evaluate import evaluate
-    from contrastive_cli.train import pretrain
+    from contrastive_cli.infer.embed import load_encoder, random_encoder
+    from contrastive_cli.infer.evaluate import evaluate
+    from contrastive_cli.train.loop import pretrain
 
     t = time.perf_counter()
     train_dir = write_split(a.work, "train", a.train_limit)
@@ -78,7 +79,7 @@ def main() -> None:
         row["loadavg"] = os.getloadavg()[0]
         print(json.dumps(row), flush=True)
 
-    base = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.image_size), batch_size=a.batch_size,
+    base = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.image_size, conv="auto"), batch_size=a.batch_size,
                        time_budget=0 if a.steps else a.minutes, steps=a.steps, log_every=50)
     base = with_overrides(base, a.set)
     if not a.no_baselines:

@@ -97,7 +97,8 @@ def child(case: str, file: str, n: int, budget: float) -> dict:
 
     import jax
 
-    from contrastive_cli import embfile, search
+    from contrastive_cli.infer import embfile
+    from contrastive_cli.infer import search
 
     if case == "topk_norelease":  # what streaming through a memmap costs without dropping its pages
         embfile.release = lambda *a: None

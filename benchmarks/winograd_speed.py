@@ -20,13 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import contrastive_cli  # noqa: F401, I001  (first: the tool's malloc and XLA settings, before JAX starts)
+from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
+perf.switch_on(reexec=False)
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from contrastive_cli import winograd
+from contrastive_cli.perf import winograd
 
 # (H = W, C = O) of ResNet-18's stride-1 3x3 convolutions after the stem, and their count.
 SHAPES = [(32, 64, 4), (16, 128, 3), (8, 256, 3), (4, 512, 3)]
