@@ -5,7 +5,10 @@ it makes the step as pretrain does (`make_s`: stepcache.make_cached_step loads t
 from disk, or traces and exports it), lowers it (`lower_s`: tracing, or only a call to the loaded
 program) and compiles it (`compile_s`: XLA, or a load from JAX's compilation cache); `ready_s` is
 the three together. `init_s`, before all that, is the time to the first state (a compiled program
-of its own) and a random batch. Run 1 has empty caches (JAX's compilation cache and the step
+of its own) and a random batch. The worker runs as `contrastive pretrain` does: the speed wing
+switched on first (perf.switch_on: glibc tunables by a re-exec, malloc, the Eigen flag), JAX's
+compilation cache in CONTRASTIVE_CACHE_DIR, the convolution "auto" resolved (nn.conv.resolve:
+"winograd" on CPU), the step cache unless CONTRASTIVE_STEP_CACHE=0. Run 1 has empty caches (JAX's compilation cache and the step
 cache), run 2 the caches run 1 filled. `--step-cache off` measures the same with
 CONTRASTIVE_STEP_CACHE=0 (tracing every run; the compilation cache still works). One JSON line
 per run.
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(encoder: str, pairs: int) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
-    perf.switch_on(reexec=False)
+    perf.switch_on(reexec=True)  # as `contrastive pretrain`: re-run once with glibc's tunables, then tune
     import jax
 
     from contrastive_cli.config import ModelConfig, TrainConfig

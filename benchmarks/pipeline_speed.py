@@ -11,6 +11,11 @@ Prints one JSON line per figure:
   peer_e2e      lightly's SimCLRTransform + ImageFolder + DataLoader(2 workers) + the same encoder
   ratio         ours / peer
 
+`pretrain` runs as `contrastive pretrain` runs it: the speed wing switched on at start-up
+(perf.switch_on: a re-exec with glibc's tunables, malloc, the Eigen flag), JAX's compilation cache
+and the step cache in the user cache directory (CONTRASTIVE_STEP_CACHE=0: none), and the
+convolution "auto" (resolved to "winograd" on CPU, recorded in the run's config.json).
+
     .peer/bin/pip ...   # see ../shared/peers/README.md for the peer's venv
     python benchmarks/pipeline_speed.py --images 2000 --epochs 2 --repeats 3
 """
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
-perf.switch_on(reexec=False)
+perf.switch_on(reexec=True)  # as the `contrastive` command: re-run once with glibc's tunables
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -82,8 +87,10 @@ def main() -> None:
     from contrastive_cli.config import AugmentConfig, ModelConfig, TrainConfig
     from contrastive_cli.data.decode import load_folder
     from contrastive_cli.train.loop import pretrain
+    from contrastive_cli.cli import _enable_compilation_cache, _step_cache  # what `contrastive pretrain` uses
     from contrastive_cli.train.step import working_size
 
+    _enable_compilation_cache()
     folder = write_photos(a.work, a.images)
     r = working_size(a.size)
 
@@ -118,7 +125,8 @@ def main() -> None:
         run = Path(tempfile.mkdtemp()) / "run"
         train_cfg = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.size, conv="auto"), batch_size=a.batch,
                                 epochs=a.epochs)  # log_every as the CLI: 10
-        s = pretrain(folder, train_cfg, run, cache=False)  # cold: decoding is part of the figure
+        # cold: decoding is part of the figure; the step cache as the CLI gives it
+        s = pretrain(folder, train_cfg, run, cache=False, step_cache=_step_cache())
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         # Compilation is a one-off (and cached across runs): leave the first step out, as the peer
         # leaves out its warm-up steps.

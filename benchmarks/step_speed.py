@@ -1,6 +1,6 @@
 """Whole train-step speed: fastconv on and off, XLA flag sets, and the peer (lightly), in one run.
 
-Times `train.make_step` (augmentation, encoder, projection head, NT-Xent, SGD: one jitted program)
+Times `train.step.make_step` (augmentation, encoder, projection head, NT-Xent, SGD: one jitted program)
 on random uint8 images, small CNN and ResNet-18 at 32x32. Each variant is a worker process of its
 own (its convolution, ModelConfig.conv, and XLA_FLAGS, read before JAX starts); the driver asks the workers
 for one step each in turn, so machine load hits all variants alike, and reports medians. It also
@@ -30,6 +30,11 @@ tool's own XLA flags apply (perf/xla.py prefer_eigen_convolutions); `:default` r
 (YNNPACK convolutions):
 
     python benchmarks/step_speed.py --variants fast fast:default native:default
+
+A `@DIR` suffix runs that variant's worker from another checkout (its own benchmarks/step_speed.py
+and package), steps interleaved with this one's: before/after a change, in one run.
+
+    git worktree add /tmp/before HEAD~5 && python benchmarks/step_speed.py --no-peer --variants fast fast@/tmp/before
 """
 from __future__ import annotations
 
@@ -43,7 +48,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    # A worker switches the speed wing on as `contrastive pretrain` does (perf.switch_on; the driver
+    # set glibc's tunables in its environment): malloc first, before NumPy or JAX start threads,
+    # then the Eigen flag, before JAX starts. CONTRASTIVE_MALLOC_TUNING=0 / CONTRASTIVE_XLA_FLAGS=0
+    # (the `plain-` prefix, `:default`) leave them alone.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from contrastive_cli.perf import malloc, xla
+
+    malloc.tune_malloc()
+    xla.prefer_eigen_convolutions()
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PY = ROOT / ".peer" / "bin" / "python"
@@ -84,11 +100,7 @@ def build(cfg):
 # ---- worker: one variant, one process --------------------------------------------------------
 def worker(encoder: str, pairs: int, precision: str, views: str, update_path: str) -> None:
     """Build and compile the step, answer `step` (time one step), `augment`, `quit` on stdin."""
-    sys.path.insert(0, str(ROOT))
-    from contrastive_cli.perf import malloc, xla  # first: as `contrastive pretrain` switches the wing on
-
-    malloc.tune_malloc()  # before JAX starts threads (CONTRASTIVE_MALLOC_TUNING=0: left alone)
-    xla.prefer_eigen_convolutions()  # before JAX starts (CONTRASTIVE_XLA_FLAGS=0: XLA's defaults)
+    sys.path.insert(0, str(ROOT))  # malloc and XLA flags: set at the top of the module, before NumPy
     import jax
     import jax.numpy as jnp
 
@@ -149,7 +161,8 @@ class Process:
 
 class Worker(Process):
     def __init__(self, variant: str, encoder: str, pairs: int, precision: str, tmp: Path):
-        kind, _, flags = variant.partition(":")
+        spec, _, tree = variant.partition("@")  # @DIR: the worker of another checkout (before/after)
+        kind, _, flags = spec.partition(":")
         plain = kind.startswith("plain-")
         kind = kind.removeprefix("plain-")
         nowino = kind.startswith("nowino-")
@@ -163,6 +176,8 @@ class Worker(Process):
             raise SystemExit(f"variant {variant!r}: the suffix is +separate or +concat")
         conv = "xla" if kind == "native" else "im2col" if nowino else "winograd"
         env = dict(os.environ, STEP_SPEED_CONV=conv,
+                   # what checkouts before ModelConfig.conv read instead
+                   CONTRASTIVE_FAST_CONV="0" if kind == "native" else "1", CONTRASTIVE_WINOGRAD="0" if nowino else "1",
                    XLA_FLAGS="" if flags == "default" else flags,
                    CONTRASTIVE_XLA_FLAGS="0" if flags == "default" else "1",
                    CONTRASTIVE_MALLOC_TUNING="0" if plain else "1")
@@ -171,9 +186,12 @@ class Worker(Process):
 
             env = malloc_tunables_environ(env) or env
         self.update_path = tmp / f"update{abs(hash(variant))}.npy"
+        script = Path(tree).resolve() / "benchmarks" / "step_speed.py" if tree else Path(__file__)
+        if tree:
+            env["PYTHONPATH"] = str(Path(tree).resolve())
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", encoder, str(pairs), precision, views or "default",
-             str(self.update_path)],
+            [sys.executable, str(script), "--worker", encoder, str(pairs), precision, views or "default",
+             str(self.update_path)], cwd=script.parent.parent,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.info = self._read()
         if self.info.get("fast") != (kind == "fast"):

@@ -120,8 +120,8 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             raise UnusableImage(f"too large: {w} x {h} = {w * h:,} pixels, over the decompression-bomb "
                                 f"limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)")
         if im.format in ("JPEG", "MPO"):
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers `size`:
-            # ~2.3x faster on photo-sized files (measured, issue 7).
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers `size`: much
+            # faster on photo-sized files (BENCHMARKS.md, "Figures moved from the code").
             im.draft("RGB", (size, size))
         im = ImageOps.exif_transpose(im)
         im = _to_rgb(im)

@@ -138,7 +138,7 @@ def apply_view(image: jax.Array, params: ViewParams, *, cfg: AugmentConfig, size
     """uint8 [H, W, 3] -> float32 [size, size, 3]: crop, flip, jitter, gray, blur, normalise.
 
     After the crop the view is planar, [3, size, size]: per-pixel colour maths on contiguous
-    channel planes runs ~3x faster on XLA:CPU than on an interleaved minor axis of 3.
+    channel planes runs faster on XLA:CPU than on an interleaved minor axis of 3 (BENCHMARKS.md).
     """
     return _standardize(_view_pixels(image, params, size=size), cfg)
 

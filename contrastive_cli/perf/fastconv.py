@@ -1,14 +1,14 @@
 """2-D convolution with fast gradients on XLA:CPU.
 
-jaxlib 0.10.2 hands CPU convolutions to YNNPACK, which computes the weight gradient (the "backward
-filter" conv) at 2-55 GFLOP/s on 2 vCPUs, while a 4096^2 matmul runs at ~100. `conv2d` computes
-the weight gradient as im2col + matmul instead (30-115 GFLOP/s), and the forward (im2col) and the
-input gradient (col2im, or im2col of dy at stride 1) too, 1.05-2.3x faster than YNNPACK's. Every
-im2col works on a chunk of a few images, so its patches stay in cache until the matmul reads them.
-With XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution XLA runs
-convolutions on Eigen, which is fast for most parts; `_plan` then keeps only the parts that still
-win. The tool sets that flag by default (runtime.prefer_eigen_convolutions: ResNet-18's step
-1.3-1.4x). `benchmarks/conv_speed.py` measures each part against XLA's own.
+jaxlib 0.10.2 hands CPU convolutions to YNNPACK, whose weight gradient (the "backward filter"
+conv) runs far below the machine's matmul speed. `conv2d` computes the weight gradient as im2col +
+matmul instead, and the forward (im2col) and the input gradient (col2im, or im2col of dy at stride
+1) too, where they beat YNNPACK's. Every im2col works on a chunk of a few images, so its patches
+stay in cache until the matmul reads them. With
+XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution XLA runs convolutions on
+Eigen, which is fast for most parts; `_plan` then keeps only the parts that still win. The CLI sets
+that flag for training (perf/xla.py). `benchmarks/conv_speed.py` measures each part against XLA's
+own; the figures are in BENCHMARKS.md ("Figures moved from the code").
 
 3x3 stride-1 convolutions of 128+ channels (ResNet-18's layers 2-4) go to `winograd.conv3x3`
 instead (see `winograd.applies`): fewer multiplies than any direct convolution.
@@ -28,7 +28,7 @@ from jax import lax
 from . import winograd
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# Patch bytes of one chunk of images: 2-8 MiB measured 1.5-3x faster than a whole-batch matrix.
+# Patch bytes of one chunk of images: a few MiB measured faster than a whole-batch matrix (BENCHMARKS.md).
 _CHUNK_BYTES = 4 * 2**20
 
 
@@ -91,11 +91,10 @@ def _ynnpack_convs() -> bool:
 def _plan(kernel_shape, stride: int) -> tuple[bool, bool, bool]:
     """(forward, input gradient, weight gradient): which parts to compute here, not by XLA's conv.
 
-    Measured on 2 vCPUs, batch 512 (benchmarks/conv_speed.py), GFLOP/s. YNNPACK: weight gradient
-    2-55 (im2col: 30-115); kxk forward and input gradient 9-105 (im2col, col2im: 12-140, 1.05-2.3x
-    faster). Eigen: weight gradient 80-140 for stride-1 kxk kernels of 32+ channels (im2col
-    80-105), else 18-115 (im2col 35-115); strided input gradient 20-75 (col2im 53-118); forward
-    faster than im2col. 1x1 kernels: XLA's forward and input gradient are as fast as a matmul.
+    From benchmarks/conv_speed.py (figures: BENCHMARKS.md, "Figures moved from the code"). With
+    YNNPACK every kxk part and every weight gradient is ours. With Eigen: its weight gradient wins
+    for stride-1 kxk kernels of 32+ channels, ours elsewhere; col2im wins the strided input
+    gradient; Eigen's forward wins. 1x1 kernels: XLA's forward and input gradient are a matmul.
     """
     kh, kw, c, _ = kernel_shape
     kxk = (kh, kw) != (1, 1)
@@ -228,7 +227,7 @@ def _patch_dot(patches, dy):
 def _n_chunks(n_img: int, patch_bytes_per_image: int) -> int:
     """G such that N/G images per chunk is the largest divisor of N within _CHUNK_BYTES (at least 1).
 
-    A divisor, not a remainder chunk: uneven chunks measured 1.4-2.5x slower.
+    A divisor, not a remainder chunk: uneven chunks measured slower (BENCHMARKS.md).
     """
     target = max(1, min(n_img, _CHUNK_BYTES // patch_bytes_per_image))
     return n_img // next(d for d in range(target, 0, -1) if n_img % d == 0)

@@ -13,16 +13,15 @@ def tune_malloc() -> bool:
     """Keep freed memory in the process instead of handing it back to the kernel at every step.
 
     XLA:CPU allocates each step's buffers afresh. glibc serves blocks over 32 MiB with their own
-    mmap and unmaps them on free, so every step faulted in hundreds of MiB of zeroed pages again:
-    on 2 vCPUs the small CNN's step (256 pairs) ran at 280 pairs/s, and at 410 with glibc told to
-    serve every block from one heap it keeps (benchmarks/step_speed.py). The process's footprint
-    stays at its peak, which a training run reaches every step anyway. Linux/glibc only;
-    CONTRASTIVE_MALLOC_TUNING=0 leaves malloc alone. Returns whether the settings were applied.
+    mmap and unmaps them on free, so every step faulted in hundreds of MiB of zeroed pages again;
+    served from one heap glibc keeps, the step runs much faster (BENCHMARKS.md, "Figures moved from
+    the code"). The process's footprint stays at its peak, which a training run reaches every step
+    anyway. Linux/glibc only; CONTRASTIVE_MALLOC_TUNING=0 leaves malloc alone. Returns whether the
+    settings were applied.
 
-    Called when the package is imported: the arena limit only holds if set before any thread has
-    called malloc (glibc fixes it then), so it is a no-op in a process that started threads first
-    (set MALLOC_ARENA_MAX=1 in the environment there). `contrastive pretrain` from the shell ran at
-    290 pairs/s with the call made after the imports, 380-420 with it made first.
+    Call it before any thread has called malloc: glibc fixes the arena limit then, so it is a no-op
+    in a process that started threads first (set MALLOC_ARENA_MAX=1 in the environment there).
+    `perf.switch_on` calls it at the start of a training command, before NumPy and JAX start.
     """
     if os.environ.get("CONTRASTIVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
@@ -46,8 +45,7 @@ def tune_malloc() -> bool:
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 # Never hand the heap's top back. mallopt's trim threshold stops at 2 GiB; ResNet-18's step at 256
 # pairs frees more than that at its end, so glibc returned it and the next step faulted it back in,
-# 2 MiB page by page (compacting memory when it was short): with the peer running beside it, 11.1
-# pairs/s, and 17.8 with this tunable (benchmarks/step_speed.py, BENCHMARKS.md).
+# 2 MiB page by page (figures: BENCHMARKS.md, "Figures moved from the code").
 NEVER_TRIM = "glibc.malloc.trim_threshold=1099511627776"
 
 
@@ -56,10 +54,8 @@ def malloc_tunables_environ(environ=None) -> dict | None:
 
     With it, glibc never hands the heap's top back (NEVER_TRIM, above) and asks the kernel for
     transparent huge pages (madvise) on the heap that `tune_malloc` serves every block from: XLA's
-    step streams through activations of 16-256 MiB, and 2 MiB pages spare it most TLB misses. Whole
-    train step with huge pages over without (steps interleaved, 2 vCPUs, BENCHMARKS.md): ResNet-18
-    1.20x and 1.32x (256 pairs), 1.04x (64); small CNN 1.17x, 1.04x and 0.94x (mixed); identical
-    results. glibc reads tunables only at process start, hence `reexec_with_malloc_tunables`. None
+    step streams through activations of 16-256 MiB, and 2 MiB pages spare it most TLB misses
+    (figures: BENCHMARKS.md, "Figures moved from the code"); identical results. glibc reads tunables only at process start, hence `reexec_with_malloc_tunables`. None
     on other systems, with CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything
     about hugetlb; a trim_threshold the user set is kept.
     """

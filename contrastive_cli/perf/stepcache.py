@@ -1,10 +1,10 @@
 """The train step's lowered program kept on disk, so that a repeated run skips tracing (jax.export).
 
-JAX's persistent compilation cache (runtime.enable_compilation_cache) is keyed by the lowered
+JAX's persistent compilation cache (the CLI's `_enable_compilation_cache`) is keyed by the lowered
 program, so it saves XLA's compile but not the Python tracing and lowering that produce the program
-in every run: 2.6-3.3 s for ResNet-18's step on 2 vCPUs (benchmarks/compile_time.py, BENCHMARKS.md).
-Here the lowered step is serialized with `jax.export` under a key of everything that shapes it, and
-a run with the same key deserializes it (0.02-0.07 s) and lowers only a call to it (0.2-0.5 s).
+in every run, seconds for ResNet-18's step. Here the lowered step is serialized with `jax.export`
+under a key of everything that shapes it, and a run with the same key deserializes it and lowers
+only a call to it (benchmarks/compile_time.py; BENCHMARKS.md, "Figures moved from the code").
 
 The key: this package's source, the versions of jax, jaxlib, flax and optax, JAX's tracing options,
 the run's config (less the fields the step never reads), the state's structure, the shapes and

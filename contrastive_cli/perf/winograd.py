@@ -9,11 +9,10 @@ weight gradient is 16 matmuls of the transformed input with the transformed outp
 gradient, the input gradient 16 matmuls with the transformed kernel. Errors stay at float32
 rounding (the transforms add, subtract and halve).
 
-`benchmarks/winograd_speed.py` times it against XLA's Eigen convolution (forward and both
-gradients, batch 128, 2 vCPUs, float32, 2026-11-29): 1.39x at 128 channels (16x16), 1.53x at 256
-(8x8), 1.43x at 512 (4x4); at 64 channels (32x32) it is slower (0.81x: the transforms move 4x the
-input through memory, and the [64, 64] weight-gradient matmuls run at ~60 GFLOP/s), so `applies`
-keeps it to 128 channels and up. The largest output difference is 1.6e-5 of the largest entry.
+`benchmarks/winograd_speed.py` times it against XLA's Eigen convolution: it wins from 128 channels
+up and loses at 64 (the transforms move 4x the input through memory, and small weight-gradient
+matmuls run slowly), so `applies` keeps it to 128 channels and up (figures: BENCHMARKS.md,
+"Figures moved from the code").
 """
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ import numpy as np
 
 # Least input channels for which the transforms pay for themselves (see the module docstring).
 MIN_CHANNELS = 128
-# Most bytes of transformed input (16 x tiles x C float32): at batch 512, 16x16, 128 channels
-# (256 MiB) it measured 0.90-0.92x of XLA's convolution (1.07x in an earlier run of a previous
-# formulation); 1.41x at 128 MiB (512 x 8x8 x 256, that earlier run).
+# Most bytes of transformed input (16 x tiles x C float32): past it, Winograd measured slower than
+# XLA's convolution (BENCHMARKS.md, "Figures moved from the code").
 MAX_TILE_BYTES = 128 * 2**20
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 
@@ -54,9 +52,8 @@ def _forward(x, kernel):
     v = _apply(_BB, _tiles(x)).reshape(16, -1, c)  # B^T d B: [16, tiles, C]
     m = jnp.einsum("kmc,kco->kmo", v, u, preferred_element_type=jnp.float32)
     y = _apply(_AA, m).reshape(2, 2, n, h // 2, w // 2, o)  # A^T m A: [p, q, N, H/2, W/2, O]
-    # Saved: x, not v (4x its size); recomputing v measured no slower (N=512, C=128: 970 vs 954 ms).
-    # Still, XLA's peak temp memory grows ~81 MiB per layer of 16 MiB input against ~32 for its own
-    # convolution (a chain of 3 and 6 layers, 128 x 16x16x128; what holds the rest is not known).
+    # Saved: x, not v (4x its size); recomputing v measured no slower. XLA's peak temp memory still
+    # grows more per layer than with its own convolution (BENCHMARKS.md, "Figures moved from the code").
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, h, w, o).astype(x.dtype), (x, u)
 
 
@@ -81,7 +78,7 @@ conv3x3.defvjp(_forward, _backward)
 
 # The transforms as [16, 16] and [4, 16] matrices over the tile elements (i, j) row-major:
 # B^T d B is kron(B^T, B^T) @ d, A^T m A is kron(A^T, A^T) @ m. One small matmul each compiles
-# in about half the time of the same sums written out element by element, and runs as fast.
+# faster than the same sums written out element by element, and runs as fast.
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 _BB, _AA = np.kron(_BT, _BT), np.kron(_AT, _AT)  # [16, 16], [4, 16]

@@ -16,8 +16,8 @@ EIGEN_FLAG_JAXLIB = ("0.10.",)
 def prefer_eigen_convolutions() -> bool:
     """Add EIGEN_CONVOLUTIONS to XLA_FLAGS unless the user set that flag or JAX has started.
 
-    ResNet-18 (32 px, 2 vCPUs): 11.2 -> 15.7 pairs/s at 256 pairs per step, 13.2 -> 17.6 at 64; the
-    small CNN is unchanged (benchmarks/step_speed.py). Only the CPU backend reads the flag.
+    It speeds up ResNet-18's step and leaves the small CNN's as it is (benchmarks/step_speed.py;
+    BENCHMARKS.md, "Figures moved from the code"). Only the CPU backend reads the flag.
     CONTRASTIVE_XLA_FLAGS=0 leaves XLA_FLAGS alone, and so does a jaxlib outside EIGEN_FLAG_JAXLIB.
     Returns whether the flag was added.
     """

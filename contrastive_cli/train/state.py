@@ -9,10 +9,9 @@ from flax import nnx
 from ..config import TrainConfig
 from ..nn.models import build_model
 
-# The first state's program runs once: on CPU, LLVM's -O1 compiles it 2-2.3x faster than XLA's
-# default -O3, and it computes the same state bit for bit (tests/test_state.py);
-# benchmarks/compile_time.py, init_s with an empty cache: small CNN 4.7 -> 2.0 s, ResNet-18
-# 10.2-10.6 -> 4.6 s; with the cache filled 1.1-1.4 s either way. (-O0: 4.6 s, but other last bits.)
+# The first state's program runs once: on CPU, LLVM's -O1 compiles it about twice as fast as XLA's
+# default -O3, and it computes the same state bit for bit (tests/test_state.py; -O0 draws other last
+# bits). Figures: benchmarks/compile_time.py `init_s`, BENCHMARKS.md ("Figures moved from the code").
 INIT_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
