@@ -157,11 +157,17 @@ def test_a_run_directory_is_replaced_only_with_force(run, hostile, tmp_path):
     old_run = tmp_path / "old"
     old_run.mkdir()
     (old_run / "config.json").write_text((out / "config.json").read_text())
-    (old_run / "stale.txt").write_text("from the previous run")
+    (old_run / "notes.txt").write_text("the user's")  # not a file a run writes: refused, kept
+    result = runner.invoke(app, ["pretrain", str(hostile["root"]), "-o", str(old_run), "--force",
+                                 "--steps", "2", *TINY])
+    assert result.exit_code == 1 and "notes.txt" in result.stderr and "which a run does not write" in result.stderr
+    assert (old_run / "notes.txt").read_text() == "the user's"
+    (old_run / "notes.txt").unlink()
+    (old_run / "metrics.jsonl").write_text("{}\n")  # what the previous run wrote is replaced
     result = runner.invoke(app, ["pretrain", str(hostile["root"]), "-o", str(old_run), "--force",
                                  "--steps", "2", *TINY])
     assert result.exit_code == 0, result.output
-    assert not (old_run / "stale.txt").exists() and (old_run / "summary.json").is_file()
+    assert (old_run / "summary.json").is_file() and (old_run / "metrics.jsonl").read_text() != "{}\n"
 
 
 def test_embeddings_are_replaced_only_with_force_and_survive_a_failing_embed(run, hostile, tmp_path, monkeypatch):

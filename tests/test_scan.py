@@ -1,4 +1,5 @@
 """data/scan.py: the sorted, recursive folder scan (hidden files, symlinked folders, unreadable folders)."""
+import json
 import os
 
 import pytest
@@ -64,3 +65,16 @@ def test_no_usable_image_names_the_first_reason(tmp_path):
     err = scan.no_usable_image(tmp_path, 3, [("a.jpg", "not an image"), ("b.jpg", "truncated file")])
     assert isinstance(err, InputError)
     assert str(err) == f"none of the 3 image files in {tmp_path} could be read (first: a.jpg: not an image)"
+
+
+def test_scan_leaves_out_run_directories_inside_the_folder(tmp_path):
+    for rel in ["a.png", "runs/r1/metrics.png", "runs/r1/sub/x.png", "locked/metrics.png", "theirs/b.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "runs" / "r1" / "config.json").write_text(json.dumps({scan.RUN_MARKER: 1, "steps": 3}))
+    (tmp_path / "locked" / scan.LOCK_NAME).write_text("1 host\n")  # a run being written
+    (tmp_path / "theirs" / "config.json").write_text('{"steps": 3}')  # a user's config: not a run
+    found = [p.relative_to(tmp_path).as_posix() for p in scan.scan_folder(tmp_path)]
+    assert found == ["a.png", "theirs/b.png"]
+    # the folder itself is scanned whatever it is
+    assert [p.name for p in scan.scan_folder(tmp_path / "runs" / "r1")] == ["metrics.png", "x.png"]

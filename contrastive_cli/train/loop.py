@@ -84,39 +84,44 @@ def pretrain(
     t0 = time.perf_counter()
     multi = init_distributed(coordinator, num_processes, process_id)
     monitor = (monitor or Monitor()) if is_primary() else Monitor()
-    run, cfg = _open_run(output, cfg, resume=resume, multi=multi)
-    mesh = data_mesh(devices)
-    check_batch(cfg.batch_size, mesh)
-    data = _load_images(folder, cfg, images=images, cache=cache, monitor=monitor, multi=multi)
-    load_s = time.perf_counter() - t0
-    # Decoded before the run directory is made, so a bad labeled folder fails before anything is written.
-    probe = KnnProbe(cfg.eval_folder, cfg, cache=cache, on_progress=monitor.loading) if cfg.eval_folder else None
-    if not resume:
-        run.create(cfg, force=force)
-    _report_skipped(run, data, monitor)
-    cfg = _fit_batch(cfg, len(data), mesh, run, resume=resume, monitor=monitor)
-    state = _build_state(cfg, run, mesh, resume=resume, n_images=len(data), monitor=monitor)
-    batch = jax.ShapeDtypeStruct((cfg.batch_size, *data.images.shape[1:]), data.images.dtype)
-    step_fn = _step_function(cfg, state, mesh, batch, step_cache)
-    budget = Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not state.start else None
-    monitor.start(dict(output=str(run), images=len(data), skipped=len(data.skipped),
-                       steps=None if budget else state.total, time_budget=cfg.time_budget if budget else None,
-                       start=state.start, batch_size=cfg.batch_size, devices=mesh.devices.size,
-                       backend=jax.default_backend(), load_s=load_s))
-    result = _train(folder, cfg, run, mesh, data, state, step_fn, probe=probe, budget=budget,
-                    monitor=monitor, multi=multi)
-    summary = dict(output=str(run), steps=result.step, resumed_from=state.start, images=len(data),
-                   skipped=len(data.skipped), final_loss=result.loss if math.isfinite(result.loss) else None,
-                   batch_size=cfg.batch_size, encoder=cfg.model.encoder, conv=cfg.model.conv, loss=cfg.loss,
-                   compile_s=result.first_step_s, wall_s=time.perf_counter() - t0, load_s=load_s,
-                   loop_s=result.loop_s, devices=mesh.devices.size, processes=jax.process_count())
-    _finish(run, summary, monitor)
+    run, cfg, steps = _open_run(output, cfg, resume=resume, multi=multi)
+    # Held from before the folder is made (or an old run replaced) to the end, errors included:
+    # a second pretrain on the same folder stops with the holder's pid.
+    with run.lock(fresh=not resume, force=force, images=folder):
+        mesh = data_mesh(devices)
+        check_batch(cfg.batch_size, mesh)
+        data = _load_images(folder, cfg, images=images, cache=cache, monitor=monitor, multi=multi)
+        load_s = time.perf_counter() - t0
+        # Decoded before the run directory is made, so a bad labeled folder fails before anything is written.
+        probe = KnnProbe(cfg.eval_folder, cfg, cache=cache, on_progress=monitor.loading) if cfg.eval_folder else None
+        if not resume:
+            run.create(cfg, force=force, images=folder)
+        _report_skipped(run, data, monitor)
+        cfg = _fit_batch(cfg, len(data), mesh, run, resume=resume, monitor=monitor)
+        state = _build_state(cfg, run, mesh, resume=resume, n_images=len(data), steps=steps, monitor=monitor)
+        batch = jax.ShapeDtypeStruct((cfg.batch_size, *data.images.shape[1:]), data.images.dtype)
+        step_fn = _step_function(cfg, state, mesh, batch, step_cache)
+        budget = Budget(cfg.time_budget * 60.0, t0) if cfg.time_budget and not state.start else None
+        monitor.start(dict(output=str(run), images=len(data), skipped=len(data.skipped),
+                           steps=None if budget else state.total, time_budget=cfg.time_budget if budget else None,
+                           start=state.start, batch_size=cfg.batch_size, devices=mesh.devices.size,
+                           backend=jax.default_backend(), load_s=load_s))
+        result = _train(folder, cfg, run, mesh, data, state, step_fn, probe=probe, budget=budget,
+                        monitor=monitor, multi=multi)
+        summary = dict(output=str(run), steps=result.step, resumed_from=state.start, images=len(data),
+                       skipped=len(data.skipped), final_loss=result.loss if math.isfinite(result.loss) else None,
+                       batch_size=cfg.batch_size, encoder=cfg.model.encoder, conv=cfg.model.conv, loss=cfg.loss,
+                       compile_s=result.first_step_s, wall_s=time.perf_counter() - t0, load_s=load_s,
+                       loop_s=result.loop_s, devices=mesh.devices.size, processes=jax.process_count())
+        _finish(run, summary, monitor)
     return summary
 
 
-def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: bool) -> tuple[RunDir, TrainConfig]:
-    """The run directory, and the config to train with: on --resume, the run's own (image size,
-    batch size, ...), not the command line's defaults; an "auto" convolution resolved."""
+def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: bool) -> tuple[RunDir, TrainConfig, int]:
+    """The run directory; the config to train with: on --resume, the run's own (image size,
+    batch size, ...), not the command line's defaults; an "auto" convolution resolved; and the
+    steps the caller asked for (cfg.steps; on --resume 0 unless --steps was given)."""
+    steps = cfg.steps
     if output is None and multi:
         raise ConfigError("a multi-process run needs --output: one run directory that every process can reach")
     run = RunDir(output) if output else RunDir.new(cfg)
@@ -126,7 +131,7 @@ def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: boo
         cfg = run.read_config()
     if cfg.model.conv == "auto":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv=resolve("auto")))
-    return run, cfg
+    return run, cfg, steps
 
 
 def _load_images(folder: Path, cfg: TrainConfig, *, images: ImageSet | None, cache: bool, monitor: Monitor,
@@ -186,8 +191,15 @@ class _State:
     total: int
 
 
-def _build_state(cfg: TrainConfig, run: RunDir, mesh, *, resume: bool, n_images: int, monitor: Monitor) -> _State:
-    """The first state on the devices, or on --resume the newest checkpoint's."""
+def _build_state(cfg: TrainConfig, run: RunDir, mesh, *, resume: bool, n_images: int, steps: int,
+                 monitor: Monitor) -> _State:
+    """The first state on the devices, or on --resume the newest checkpoint that restores (a newer
+    one that cannot be read is passed over, with a warning).
+
+    Resuming with `steps` beyond the run's total extends it to `steps`: the learning rate from the
+    restored step on is what a `steps`-step schedule gives there (warm-up and cosine re-laid over
+    the new total; after a finished run it rises again from zero), and config.json says `steps`.
+    """
     # With a time budget the total is a first guess until the compiled step's speed is measured.
     total = cfg.total_steps(n_images)
     tx = make_optimizer(cfg)
@@ -196,13 +208,25 @@ def _build_state(cfg: TrainConfig, run: RunDir, mesh, *, resume: bool, n_images:
     start = 0
     if resume:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-        restored = run.restore_state(abstract)
+        restored = run.restore_state(abstract, warn=monitor.warn)
         if restored is not None:
             start, tree = restored
             total = int(tree["total"])  # the schedule the run started with (a time budget set it)
+            moved = run.set_aside_after(start)
+            if moved:
+                monitor.warn(f"moved the unreadable checkpoint(s) aside: {', '.join(map(str, moved))}")
         run.truncate_metrics(start)
+        if steps > total:
+            done = "finished all" if start >= total else "was to run"
+            monitor.warn(f"{run} {done} {total} steps; extending it to {steps} (the learning rate follows "
+                         f"a {steps}-step schedule from step {start})")
+            total = steps
+            tree["total"] = jax.device_put(np.int32(total), replicated(mesh))
+            run.save_config(dataclasses.replace(cfg, steps=steps, epochs=0, time_budget=0.0))
+        elif steps and steps < total:
+            monitor.warn(f"--steps {steps} is less than the {total} steps of {run}; resuming to {total}")
     if start >= total:
-        monitor.warn(f"{run} already finished all {total} steps; nothing to do")
+        monitor.warn(f"{run} already finished all {total} steps; nothing to do (pass a larger --steps to extend it)")
     return _State(graphdef, tx, tree, start, total)
 
 
@@ -237,9 +261,10 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
     check = FiniteCheck(start)
     step = start
     proposal = None  # a new step total from the time budget, not yet agreed on
+    ended = False
     try:
         loop_t0 = time.perf_counter()
-        with SignalFlag() as flag:
+        with SignalFlag() as flag, checkpoint.quiet_orbax():
             while step < total:
                 tw = time.perf_counter()
                 batch = loader.get()
@@ -274,7 +299,7 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
                     check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)  # never save a bad state
                     checkpoint.save(mngr, step, tree)
                 if stop:
-                    mngr.wait_until_finished()
+                    checkpoint.finish(mngr)
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(stop).name} after step {step}; checkpoint saved, continue "
                         f"with: contrastive pretrain {folder} --output {run} --resume", stop)
@@ -282,11 +307,18 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
             if step > start and mngr.latest_step() != step:
                 check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
                 checkpoint.save(mngr, step, tree)
-            mngr.wait_until_finished()
+            checkpoint.finish(mngr)
+        ended = True
     finally:
         loader.close()
         book.close()
-        mngr.close()
+        with checkpoint.quiet_orbax():
+            try:
+                mngr.close()
+            except Exception:
+                if ended:
+                    raise
+                # else the error in flight (a failed save, a signal) is the one to report
     return _Result(step, book.loss, book.first_step_s, loop_s)
 
 
