@@ -252,7 +252,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_a_larger_steps_extends(tmp_p
                key=lambda p: p.stat().st_size)
     os.truncate(data, data.stat().st_size // 2)  # a disk that filled, a copy cut short
 
-    assert load_encoder(out).step == 1  # load: the previous step
+    encoder = load_encoder(out)
+    assert encoder.step == 1 and encoder.notes and "cannot be read" in encoder.notes[0]  # load: the previous step
     notes = []
     _, abstract = _abstract_model(checkpoint.read_config(out))
     step, _ = checkpoint.restore_model(out, abstract, warn=notes.append)

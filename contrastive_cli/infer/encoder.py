@@ -38,6 +38,9 @@ class Encoder:
     params: nnx.State
     stats: nnx.State
     batch_size: int = 128
+    # What loading had to say (a newest checkpoint that could not be read, passed over): for the CLI
+    # to show; the library prints nothing.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self._mesh = data_mesh()
@@ -105,8 +108,9 @@ def load_encoder(run_dir: Path, *, batch_size: int = 128, embed_grid: int = 0, c
     model = dict(embed_grid=embed_grid or cfg.model.embed_grid, conv=resolve(conv or cfg.model.conv))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
     graphdef, abstract = _abstract_model(cfg)
-    step, restored = checkpoint.restore_model(run_dir, abstract)
-    return Encoder(cfg, run_dir, step, graphdef, restored["params"], restored["stats"], batch_size)
+    notes: list[str] = []
+    step, restored = checkpoint.restore_model(run_dir, abstract, warn=notes.append)
+    return Encoder(cfg, run_dir, step, graphdef, restored["params"], restored["stats"], batch_size, notes)
 
 
 def random_encoder(cfg: TrainConfig, *, batch_size: int = 128) -> Encoder:
