@@ -214,3 +214,12 @@ def test_winograd_is_what_runs_where_it_applies(monkeypatch):
     nnconv.convolution("im2col")(x, kernel, stride=1, padding=1)
     nnconv.convolution("xla")(x, kernel, stride=1, padding=1)
     assert calls == [x.shape]
+
+
+def test_auto_resolves_to_the_backends_convolution():
+    from contrastive_cli.nn import conv
+    from contrastive_cli.perf import fastconv
+
+    assert conv.resolve("auto", "cpu") == "winograd" and conv.resolve("auto", "gpu") == "xla"
+    assert conv.resolve("im2col", "gpu") == "im2col"  # a named one is kept
+    assert conv.convolution("auto") is fastconv.conv2d  # tests run on CPU

@@ -26,7 +26,9 @@ def xla_conv(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int) -> j
 
 
 def convolution(name: str) -> Conv:
-    """The convolution named `name` (config.CONVS): the same result whichever, to float rounding."""
+    """The convolution named `name` (config.CONV_CHOICES; "auto" resolved for JAX's backend): the same
+    result whichever, to float rounding."""
+    name = resolve(name)
     if name == "xla":
         return xla_conv
     try:
