@@ -3,14 +3,24 @@
     python benchmarks/augment_speed.py [--repeats 7]
 
 Views/s counts both views (2 x batch per call); the figure is the median of `--repeats` timed calls
-after two warm-up calls, each call with a fresh fold_in key as in training.
+after two warm-up calls, each call with a fresh fold_in key as in training. The process is set up
+as `contrastive pretrain`'s, where the augmentation runs (perf.switch_on: glibc tunables by a
+re-exec, malloc, XLA flags).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from contrastive_cli import perf  # first: before NumPy or JAX start
+
+perf.switch_on(reexec=True)
 
 import jax
 import numpy as np

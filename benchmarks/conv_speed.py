@@ -14,6 +14,12 @@ convolutions (BatchNorm, ReLU, augmentation, loss, update) free.
     python benchmarks/conv_speed.py --net small --repeats 5
     python benchmarks/conv_speed.py --net resnet18 --batch 512         # ResNet-18 at 256 pairs
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/conv_speed.py   # flags: set before JAX starts
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution python benchmarks/conv_speed.py
+
+`fast` is `conv2d`, the "winograd" convolution (Winograd where `winograd.applies`, else fastconv's
+`_plan`, which reads XLA_FLAGS). malloc is tuned first, as in the CLI's training commands
+(perf/malloc.py tune_malloc); XLA_FLAGS stay as given: without the second line's flag, which
+`contrastive pretrain` adds (perf/xla.py), XLA runs YNNPACK's convolutions.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from contrastive_cli.perf import malloc  # first: before NumPy or JAX start threads
+
+malloc.tune_malloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

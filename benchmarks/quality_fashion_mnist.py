@@ -4,6 +4,9 @@ Writes the 60k training images (class subfolders; pretrain ignores them: it neve
 the 10k test images as PNG folders, pretrains for a fixed wall-clock budget per loss, then reports
 kNN (k=20) and linear-probe accuracy on the test set, with the training set as the labeled
 reference, against raw pixels and a randomly initialised encoder. One JSON line per result.
+Pretraining runs as `contrastive pretrain` runs it: the speed wing switched on at start-up
+(perf.switch_on), JAX's compilation cache and the step cache (CONTRASTIVE_STEP_CACHE=0: none), the
+convolution "auto" resolved for the backend ("winograd" on CPU; `--set model.conv=xla` to choose).
 
     apt-get install dataset-fashion-mnist      # once (a real image set, MIT licence)
     python benchmarks/quality_fashion_mnist.py --minutes 10 --losses ntxent cosine
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 from contrastive_cli import perf  # noqa: I001  (first: the CLI's malloc and XLA settings, before JAX starts)
-perf.switch_on(reexec=False)
+perf.switch_on(reexec=True)  # as the `contrastive` command: re-run once with glibc's tunables
 import numpy as np
 from PIL import Image
 
@@ -65,10 +68,16 @@ def main() -> None:
     if not SRC.exists():
         sys.exit(f"{SRC} not found: apt-get install dataset-fashion-mnist")
 
+    import dataclasses
+
+    from contrastive_cli.cli import _enable_compilation_cache, _step_cache  # what `contrastive pretrain` uses
     from contrastive_cli.config import ModelConfig, TrainConfig
-    from contrastive_cli.infer.embed import load_encoder, random_encoder
+    from contrastive_cli.infer.encoder import load_encoder, random_encoder
     from contrastive_cli.infer.evaluate import evaluate
+    from contrastive_cli.nn.conv import resolve
     from contrastive_cli.train.loop import pretrain
+
+    _enable_compilation_cache()
 
     t = time.perf_counter()
     train_dir = write_split(a.work, "train", a.train_limit)
@@ -82,6 +91,8 @@ def main() -> None:
     base = TrainConfig(model=ModelConfig(encoder=a.encoder, image_size=a.image_size, conv="auto"), batch_size=a.batch_size,
                        time_budget=0 if a.steps else a.minutes, steps=a.steps, log_every=50)
     base = with_overrides(base, a.set)
+    # "auto" resolved here, as pretrain resolves it: the random encoder is built from this config too.
+    base = dataclasses.replace(base, model=dataclasses.replace(base.model, conv=resolve(base.model.conv)))
     if not a.no_baselines:
         rnd = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=random_encoder(base))
         report(model="random init", **{k: rnd[k] for k in ("embed_grid", "dim", "knn", "linear", "n_train", "n_test")})
@@ -91,7 +102,7 @@ def main() -> None:
         tag = "".join(f"-{kv.replace('augment.', '').replace(',', '_')}" for kv in a.set)
         batch = "" if a.batch_size == 256 else f"-b{a.batch_size}"  # 256: the names of older runs
         run = a.work / f"run-{loss}-{a.encoder}-{a.image_size}{batch}-{f'{a.steps}steps' if a.steps else f'{a.minutes:g}min'}{tag}"
-        summary = pretrain(train_dir, cfg, run, force=True)
+        summary = pretrain(train_dir, cfg, run, force=True, step_cache=_step_cache())
         res = evaluate(None, None, train_dir=train_dir, test_dir=test_dir, encoder=load_encoder(run), raw=False)
         report(model=f"{a.encoder} {loss}", settings=a.set, budget_minutes=0 if a.steps else a.minutes,
                steps=summary["steps"], wall_s=round(summary["wall_s"]), embed_grid=res["embed_grid"],

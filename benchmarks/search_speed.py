@@ -16,6 +16,9 @@ reports its parent's peak when that is higher.)
 All-pairs runs longer than --pairs-budget seconds are stopped there and their total extrapolated from
 the blocks done (blocks are equal work), marked `"extrapolated": true`. Times include the one compile
 unless a case says otherwise (`compile_s` is the warm-up on one chunk). JSON lines on stdout, a table on stderr.
+The children run as `contrastive neighbors` / `duplicates` do: glibc's malloc as it comes (only the
+training and embedding commands switch the speed wing on), so peak memory is what those commands
+would reach; runs before the reorganisation (session 8) had malloc tuned by `import contrastive_cli`.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     malloc.tune_malloc()
     xla.prefer_eigen_convolutions()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PY = ROOT / ".peer" / "bin" / "python"

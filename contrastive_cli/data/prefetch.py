@@ -1,7 +1,8 @@
 """Host batches prepared and sent to the devices on a thread while the current step runs.
 
 Not Grain: after the decoded-image cache, a batch is one fancy-indexed gather from a uint8 array,
-and this thread keeps the step's data wait near zero (BENCHMARKS.md, pipeline_speed.py); Grain's
+and this thread keeps the step's data wait near zero (pipeline_speed.py; see BENCHMARKS.md,
+"Figures moved from the code" and "Input pipeline"); Grain's
 worker processes and record formats would add a dependency for no measured gain here.
 """
 from __future__ import annotations

@@ -138,7 +138,8 @@ def apply_view(image: jax.Array, params: ViewParams, *, cfg: AugmentConfig, size
     """uint8 [H, W, 3] -> float32 [size, size, 3]: crop, flip, jitter, gray, blur, normalise.
 
     After the crop the view is planar, [3, size, size]: per-pixel colour maths on contiguous
-    channel planes runs faster on XLA:CPU than on an interleaved minor axis of 3 (BENCHMARKS.md).
+    channel planes runs faster on XLA:CPU than on an interleaved minor axis of 3 (see
+    BENCHMARKS.md, "Figures moved from the code").
     """
     return _standardize(_view_pixels(image, params, size=size), cfg)
 
@@ -256,7 +257,8 @@ def _blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
     """Separable Gaussian blur, planar float [C, n, n] -> interleaved [n, n, C]; sigma <= 0: unchanged.
 
     `B x B^T` per channel: two [n, n] matmuls, several times faster on XLA:CPU than a depthwise
-    conv (measured 169 vs 29 views/s); the einsum also puts channels back last for free.
+    conv (see BENCHMARKS.md, "Figures moved from the code"); the einsum also puts channels back
+    last for free.
     """
     blur = blur_matrix(sigma, x.shape[1])
     return jnp.einsum("ij,cjk,lk->ilc", blur, x, blur, precision=_HIGHEST)

@@ -28,7 +28,8 @@ from jax import lax
 from . import winograd
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# Patch bytes of one chunk of images: a few MiB measured faster than a whole-batch matrix (BENCHMARKS.md).
+# Patch bytes of one chunk of images: a few MiB measured faster than a whole-batch matrix (see
+# BENCHMARKS.md, "Figures moved from the code").
 _CHUNK_BYTES = 4 * 2**20
 
 
@@ -227,7 +228,8 @@ def _patch_dot(patches, dy):
 def _n_chunks(n_img: int, patch_bytes_per_image: int) -> int:
     """G such that N/G images per chunk is the largest divisor of N within _CHUNK_BYTES (at least 1).
 
-    A divisor, not a remainder chunk: uneven chunks measured slower (BENCHMARKS.md).
+    A divisor, not a remainder chunk: uneven chunks measured slower (see BENCHMARKS.md, "Figures
+    moved from the code").
     """
     target = max(1, min(n_img, _CHUNK_BYTES // patch_bytes_per_image))
     return n_img // next(d for d in range(target, 0, -1) if n_img % d == 0)

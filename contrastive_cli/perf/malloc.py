@@ -55,8 +55,8 @@ def malloc_tunables_environ(environ=None) -> dict | None:
     With it, glibc never hands the heap's top back (NEVER_TRIM, above) and asks the kernel for
     transparent huge pages (madvise) on the heap that `tune_malloc` serves every block from: XLA's
     step streams through activations of 16-256 MiB, and 2 MiB pages spare it most TLB misses
-    (figures: BENCHMARKS.md, "Figures moved from the code"); identical results. glibc reads tunables only at process start, hence `reexec_with_malloc_tunables`. None
-    on other systems, with CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything
+    (figures: BENCHMARKS.md, "Figures moved from the code"); identical results. glibc reads
+    tunables only at process start, hence `reexec_with_malloc_tunables`. None on other systems, with CONTRASTIVE_MALLOC_TUNING=0, or when GLIBC_TUNABLES already says anything
     about hugetlb; a trim_threshold the user set is kept.
     """
     environ = dict(os.environ if environ is None else environ)

@@ -6,8 +6,8 @@ import sys
 
 # XLA:CPU runs convolutions on Eigen instead of YNNPACK (fastconv.py then computes only the parts
 # Eigen is slow at). Experimental in jaxlib 0.10.2; numerics checked by benchmarks/step_speed.py
-# (same first loss, parameter updates within 3e-3 of the largest entry: reduction order) and by the
-# whole test suite, which runs with it.
+# (the same first loss; parameter updates differ by reduction order only: see BENCHMARKS.md,
+# "Figures moved from the code") and by the whole test suite, which runs with it.
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # XLA aborts on a flag it does not know: add it only for jaxlib releases it was tested with.
 EIGEN_FLAG_JAXLIB = ("0.10.",)
