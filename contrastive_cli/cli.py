@@ -4,12 +4,22 @@ parse options -> build a config -> call one library function -> render the resul
 Library modules (and JAX) are imported inside the commands, so `contrastive --help` is instant. The
 commands that train or embed switch on process-wide settings first (`_heavy_command`); nothing else
 in the package changes the process.
+
+Signals: while a command runs, SIGINT and SIGTERM are recorded and raise KeyboardInterrupt in the
+main thread (`_on_signal`); the command then ends with one line and exit 130 (SIGTERM: 143). A
+KeyboardInterrupt that something swallows (Python prints "Exception ignored" for one raised in a
+garbage-collection callback) still ends the command that way, since the signal is recorded: nothing
+is written or printed as a result after it (`_run`, embed's `stop`). train/guards.py's SignalFlag
+replaces the handler during training steps and puts it back after.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -17,9 +27,20 @@ from typing import Annotated
 import typer
 
 from . import console
-from .config import (CONV_CHOICES, EMBEDDING_DTYPES, ENCODERS, LOSSES, OPTIMIZERS, PRECISIONS, VIEWS, AugmentConfig,
-                     ModelConfig, TrainConfig)
+from .config import (
+    CONV_CHOICES,
+    EMBEDDING_DTYPES,
+    ENCODERS,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    VIEWS,
+    AugmentConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from .errors import ContrastiveError
+
 
 class _FlagsWithoutType:
     """Typer's Rich help shows `<bool>` beside every flag (--help, --force, ...), which takes no
@@ -34,7 +55,27 @@ class _FlagsWithoutType:
 
 
 class _Group(_FlagsWithoutType, typer.core.TyperGroup):
-    pass
+    def invoke(self, ctx):
+        """Run the command with the signal handlers on; an interrupt (raised, or recorded and
+        swallowed) is one line and exit 130/143, never "Aborted!" with exit 1 or success."""
+        if not _AS_COMMAND:
+            _signals.update(received=0, stopping=False)  # CliRunner: each invocation starts afresh
+        with _signal_handlers():
+            try:
+                if _signals["received"]:  # arrived while the arguments were parsed
+                    raise KeyboardInterrupt
+                result = super().invoke(ctx)
+            except KeyboardInterrupt:
+                raise _interrupted() from None
+            except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors, exit codes
+                raise
+            except Exception:
+                if _signals["received"]:  # e.g. ImportError from an extension interrupted while it loads
+                    raise _interrupted() from None
+                raise
+            if _signals["received"]:
+                raise _interrupted()
+            return result
 
 
 class _Command(_FlagsWithoutType, typer.core.TyperCommand):
@@ -62,6 +103,80 @@ DType = Enum("DType", {n: n for n in EMBEDDING_DTYPES}, type=str)
 # `app` (tests' CliRunner): only then may a command change the process (malloc, re-exec, flags).
 _AS_COMMAND = False
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# received: the first SIGINT/SIGTERM (0: none); stopping: the command is already ending for it.
+_signals = {"received": 0, "stopping": False}
+
+
+def _on_signal(signum, frame):
+    _signals["received"] = _signals["received"] or signum
+    if not _signals["stopping"]:  # once the command is ending, a second Ctrl-C must not cut its last line
+        raise KeyboardInterrupt
+
+
+def _signal_seen() -> bool:
+    return bool(_signals["received"])
+
+
+def _quiet_unraisable(hook):
+    """sys.unraisablehook that drops a KeyboardInterrupt (the signal is recorded; the command ends
+    for it) instead of printing "Exception ignored in ..." with a traceback."""
+
+    def unraisable(info):
+        if not (isinstance(info.exc_type, type) and issubclass(info.exc_type, KeyboardInterrupt)):
+            hook(info)
+
+    return unraisable
+
+
+def _quiet_excepthook(hook):
+    """sys.excepthook that prints no KeyboardInterrupt: a C extension interrupted while it loads
+    prints its error through this hook (PyErr_Print), then raises ImportError, which ends the
+    command as interrupted."""
+
+    def excepthook(exc_type, exc, tb):
+        if not (isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt)):
+            hook(exc_type, exc, tb)
+
+    return excepthook
+
+
+def _quiet_hooks() -> tuple:
+    """Install the quiet hooks; the previous (unraisablehook, excepthook) to put back."""
+    old = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _quiet_unraisable(old[0]), _quiet_excepthook(old[1])
+    return old
+
+
+@contextmanager
+def _signal_handlers():
+    """_on_signal for SIGINT/SIGTERM in the main thread, the previous handlers back afterwards."""
+    if not _in_main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _on_signal) for s in _STOP_SIGNALS}
+    hooks = _quiet_hooks()
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupted() -> typer.Exit:
+    """Report the interrupt (one line) and return the Exit to raise: 128 + the signal's number."""
+    _signals["stopping"] = True
+    signum = _signals["received"] or signal.SIGINT
+    console.error("interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}")
+    return typer.Exit(128 + signum)
+
 
 def _heavy_command() -> None:
     """Process-wide settings for a command that compiles and runs the model (pretrain, embed,
@@ -73,7 +188,16 @@ def _heavy_command() -> None:
         except ImportError:  # the wing is not installed: the same results, slower
             perf = None
         if perf is not None:
-            perf.switch_on(reexec=True)
+            # Held across the re-exec (the mask and pending signals survive execve), delivered by
+            # main() in the new process once its handler is in place; or here if no re-exec happened.
+            held = _in_main_thread()
+            if held:
+                signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                perf.switch_on(reexec=True)
+            finally:
+                if held:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax reports every save through absl at INFO
@@ -133,6 +257,8 @@ def _range(lo: float | None, hi: float | None):
     def check(value):
         if value is None:
             return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not valid: it must be a finite number")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"at least {lo:g}" if hi is None else f"at most {hi:g}" if lo is None else f"in {lo:g}..{hi:g}"
             raise typer.BadParameter(f"{value:g} is not valid: it must be {bounds}")
@@ -149,18 +275,41 @@ def _folder(path: Path, param: str) -> Path:
 
 
 def _run(fn, *args, **kwargs):
-    """Call a library function; turn its errors into one line on stderr and an exit code."""
+    """Call a library function; turn its errors into one line on stderr and an exit code.
+
+    A signal recorded while it ran (and swallowed somewhere) ends the command too: its result is
+    not rendered."""
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except ContrastiveError as e:
         console.error(str(e))
         raise typer.Exit(getattr(e, "exit_code", 1)) from None
     except KeyboardInterrupt:
-        console.error("interrupted")
-        raise typer.Exit(130) from None
+        raise _interrupted() from None
     except MemoryError:
         console.error("out of memory; try a smaller --batch-size or --image-size")
         raise typer.Exit(1) from None
+    except OSError as e:  # disk full, quota, read-only folder, ...: the file and the reason
+        if _signals["received"]:
+            raise _interrupted() from None
+        console.error(_os_error(e))
+        raise typer.Exit(1) from None
+    except Exception:
+        if _signals["received"]:  # whatever the interrupt turned into on its way out
+            raise _interrupted() from None
+        raise
+    if _signals["received"]:
+        raise _interrupted()
+    return result
+
+
+def _os_error(e: OSError) -> str:
+    from .files import WriteError
+
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return reason
+    return f"{'cannot write' if isinstance(e, WriteError) else 'error with'} {e.filename}: {reason}"
 
 
 @app.command(cls=_Command)
@@ -172,7 +321,7 @@ def pretrain(
     time_budget: Annotated[float, typer.Option("--time-budget", callback=_range(0.0, None), help="Train for this many minutes of wall-clock time instead (the step count and learning-rate schedule follow the measured speed).")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(2, None), help="Images per step; each gives a positive pair, all others are negatives.")] = TrainConfig.batch_size,
     image_size: Annotated[int, typer.Option(callback=_range(16, 1024), help="Side of the square views the encoder sees, in pixels.")] = ModelConfig.image_size,
-    encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: trains at hundreds of pairs/s on a laptop CPU) or 'resnet18' (small-image stem; ~20x slower, better on GPU).")] = Encoder(ModelConfig.encoder),
+    encoder: Annotated[Encoder, typer.Option(help="Encoder network. 'small' (4 conv layers, default: fast on a laptop CPU) or 'resnet18' (small-image stem; much slower on CPU, better on GPU; speeds in BENCHMARKS.md).")] = Encoder(ModelConfig.encoder),
     loss: Annotated[Loss, typer.Option(help="ntxent: SimCLR's NT-Xent (default, best kNN accuracy in our benchmark); cosine: pairwise cosine (positives to 1, negatives to 0); dcl: decoupled contrastive (NT-Xent without the positive in the denominator); sigmoid: SigLIP's pairwise sigmoid with a learned scale and bias.")] = Loss(TrainConfig.loss),
     temperature: Annotated[float, typer.Option(callback=_range(1e-4, None), help="Temperature of ntxent and dcl.")] = TrainConfig.temperature,
     lr: Annotated[float, typer.Option(callback=_range(0.0, None), help="Peak learning rate. Default: scaled with the batch size for the optimizer.")] = 0.0,
@@ -180,7 +329,7 @@ def pretrain(
     weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
     precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision(TrainConfig.precision),
-    embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(1, None), help="Embeddings (embed, evaluate, similarity, search, the --eval-folder probe) average-pool the encoder's last feature map on a G x G grid: G*G times the features, keeping coarse layout (Fashion-MNIST kNN after 30 minutes: 0.873 with 1, 0.887 with 2; BENCHMARKS.md). Training is the same whatever G: the projection head sees the global average. 1: global average pooling.")] = ModelConfig.embed_grid,
+    embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(1, None), help="Embeddings (embed, evaluate, similarity, search, the --eval-folder probe) average-pool the encoder's last feature map on a G x G grid: G*G times the features, keeping coarse layout (accuracy by G in BENCHMARKS.md). Training is the same whatever G: the projection head sees the global average. 1: global average pooling.")] = ModelConfig.embed_grid,
     views: Annotated[Views, typer.Option(help="How the two views go through the encoder: concat (one pass, BatchNorm statistics over both views, as SimCLR) or separate (one pass per view, statistics per view, as lightly's examples; faster for resnet18 on CPU, see BENCHMARKS.md).")] = Views(TrainConfig.views),
     log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,
     checkpoint_every: Annotated[int, typer.Option(callback=_range(0, None), help="Save a checkpoint every N steps (0: at the end only).")] = 0,
@@ -253,7 +402,7 @@ def embed(
     progress = console.DecodeProgress("embedding")
     try:
         index = _run(embed_folder, folder, model, output, force=force, dtype=dtype.value,
-                     batch_size=batch_size, conv="auto", on_progress=progress)
+                     batch_size=batch_size, conv="auto", on_progress=progress, stop=_signal_seen)
     finally:
         progress.close()
     if index["skipped"]:
@@ -417,26 +566,42 @@ def evaluate(
 def plot(
     run: Annotated[Path, typer.Argument(help="Run directory written by `contrastive pretrain`.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file to write. Default: RUN/metrics.png.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file that `contrastive plot` did not write.")] = False,
 ) -> None:
     """Draw RUN/metrics.jsonl (loss, cosines, accuracy, emb_std, effective rank, lr over steps) to a PNG."""
     from .plot import plot_metrics
 
-    typer.echo(str(_run(plot_metrics, run, output)))
+    typer.echo(str(_run(plot_metrics, run, output, force=force)))
 
 
 def main() -> None:
     """Console-script entry point."""
     global _AS_COMMAND
     _AS_COMMAND = True
+    # First thing: a Ctrl-C from here on is one line and exit 130. Signals held by _heavy_command
+    # across its re-exec of this process arrive now, once the handler is in place.
+    for s in _STOP_SIGNALS:
+        signal.signal(s, _on_signal)
     if os.environ.get("CONTRASTIVE_DEBUG"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         app()
         return
     try:
+        _quiet_hooks()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         app()
+    except SystemExit:
+        if _signals["received"] and not _signals["stopping"]:  # an interrupt nobody reported: not a success
+            raise SystemExit(_interrupted().exit_code) from None
+        raise
+    except KeyboardInterrupt:
+        sys.exit(_interrupted().exit_code)
     except BrokenPipeError:  # `contrastive duplicates ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(0)
     except Exception as e:  # a bug, not bad input: one line, the traceback on request
+        if _signals["received"]:
+            sys.exit(_interrupted().exit_code)
         console.error(f"internal error: {type(e).__name__}: {e} (set CONTRASTIVE_DEBUG=1 for the traceback)")
         sys.exit(1)
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .errors import InputError
+from .files import write_atomic
+
+SOFTWARE = "contrastive plot"  # the PNG's Software text: a file with it may be replaced without --force
 
 # (title, [(metrics key, legend label), ...]); a panel draws the keys the records have.
 PANELS = (
@@ -183,26 +184,38 @@ def draw_metrics(records: list[dict], title: str) -> Image.Image:
     return img
 
 
-def plot_metrics(run_dir: Path, output: Path | None = None) -> Path:
-    """Draw RUN/metrics.jsonl to `output` (default RUN/metrics.png), written atomically; its path."""
+def _ours(path: Path) -> bool:
+    """Whether `path` is a PNG that plot_metrics wrote (its Software text says so)."""
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and getattr(img, "text", {}).get("Software") == SOFTWARE
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def plot_metrics(run_dir: Path, output: Path | None = None, *, force: bool = False) -> Path:
+    """Draw RUN/metrics.jsonl to `output` (default RUN/metrics.png), written atomically; its path.
+
+    An existing `output` is replaced only when it is a PNG this function wrote, or with `force`.
+    """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     output = Path(output) if output is not None else run_dir / "metrics.png"
     if output.suffix.lower() != ".png":
         raise InputError(f"output {output} must end in .png")
+    if output.is_dir():
+        raise InputError(f"output {output} is a folder")
     if not output.parent.is_dir():
         raise InputError(f"output folder {output.parent} does not exist")
+    if (output.exists() or output.is_symlink()) and not force and not _ours(output):
+        raise InputError(f"{output} already exists and is not a plot written by `contrastive plot`; "
+                         f"pass --force to replace it")
     last = records[-1]
     loss = last.get("loss")
     title = (f"{run_dir.resolve().name}: {len(records)} log steps to step {last['step']}"
              + (f", final loss {loss:.4g}" if isinstance(loss, (int, float)) else ""))
     img = draw_metrics(records, title)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)
+    write_atomic(output, lambda f: img.save(f, format="PNG", pnginfo=info))
     return output

@@ -162,3 +162,28 @@ def test_help_shows_no_type_beside_flags_and_offers_completion_and_version():
     assert "<bool>" not in CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "120"}).stdout
     version = CliRunner().invoke(app, ["--version"])
     assert version.exit_code == 0 and version.stdout.strip() == f"contrastive {__version__}"
+
+
+@pytest.mark.parametrize("args", [
+    ["pretrain", "{folder}", "--lr", "nan"],
+    ["pretrain", "{folder}", "--lr", "inf"],
+    ["pretrain", "{folder}", "--temperature", "nan"],
+    ["pretrain", "{folder}", "--time-budget", "inf"],
+    ["pretrain", "{folder}", "--flip-p", "nan"],
+    ["duplicates", "{folder}/e.npy", "--threshold", "nan"],
+])
+def test_float_options_refuse_nan_and_infinity(tmp_path, args):
+    result = runner.invoke(app, [a.format(folder=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    boxless = " ".join(result.stderr.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+    assert "must be a finite number" in boxless
+
+
+def test_an_os_error_in_a_command_is_one_line_not_an_internal_error(tmp_path, monkeypatch):
+    def plot_metrics(run, output=None, *, force=False):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr("contrastive_cli.plot.plot_metrics", plot_metrics)
+    result = runner.invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: error with {tmp_path / 'run' / 'metrics.jsonl'}: Permission denied"]

@@ -1,16 +1,19 @@
 """plot: metrics.jsonl -> PNG with Pillow; the `contrastive plot` command's output and errors."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_files import mounted_tmpfs
 from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
 from contrastive_cli.plot import image_size, nice_ticks, plot_metrics, read_metrics
 
 runner = CliRunner()
+tmpfs = pytest.fixture(mounted_tmpfs)
 
 
 def write_run(run, steps=60, knn_every=20, extra=""):
@@ -99,3 +102,49 @@ def test_cli_plot_rejects_a_non_png_output(tmp_path):
 def test_plot_has_help():
     result = runner.invoke(app, ["plot", "--help"])
     assert result.exit_code == 0 and "metrics.jsonl" in result.stdout
+
+
+# --- never overwrite a file plot did not write; a full disk is one line ------------------------
+
+def test_plot_refuses_to_overwrite_a_file_it_did_not_write(tmp_path):
+    run = write_run(tmp_path / "run")
+    photo = tmp_path / "holiday.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(photo)
+    notes = tmp_path / "notes.png"
+    notes.write_text("not even a picture")
+    for victim in (photo, notes):
+        before = victim.read_bytes()
+        result = runner.invoke(app, ["plot", str(run), "-o", str(victim)])
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr.strip().splitlines() == [
+            f"error: {victim} already exists and is not a plot written by `contrastive plot`; pass --force to replace it"]
+        assert victim.read_bytes() == before
+    result = runner.invoke(app, ["plot", str(run), "-o", str(photo), "--force"])
+    assert result.exit_code == 0 and Image.open(photo).size == image_size()
+    for _ in range(2):  # its own plots, at the default path or not, are replaced without --force
+        assert runner.invoke(app, ["plot", str(run), "-o", str(photo)]).exit_code == 0
+        assert runner.invoke(app, ["plot", str(run)]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holiday.png", "notes.png", "run"]
+
+
+def test_plot_takes_the_umask(tmp_path):
+    run = write_run(tmp_path / "run")
+    old = os.umask(0o022)
+    try:
+        out = plot_metrics(run)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_plot_onto_a_full_disk_is_one_line_and_keeps_the_old_plot(tmp_path, tmpfs):
+    run = write_run(tmpfs.path / "run")
+    plot_metrics(run)
+    before = (run / "metrics.png").read_bytes()
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 99, "loss": 0.5}\n')
+    tmpfs.fill()
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [f"error: cannot write {run / 'metrics.png'}: No space left on device"]
+    assert (run / "metrics.png").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "metrics.png"]

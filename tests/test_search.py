@@ -343,3 +343,58 @@ def test_duplicates_usage_errors(emb, args, code, message):
     assert result.exit_code == code and message in result.stderr, result.stderr
     result = runner.invoke(app, ["duplicates", str(emb.parent / "missing.npy"), "-t", "0.9"])
     assert result.exit_code == 1 and "embeddings not found" in result.stderr
+
+
+# --- rows that are not finite ------------------------------------------------------------------
+
+def with_bad_rows(path):
+    """planted() with row 5 NaN, row 12 +inf and row 30 partly -inf: they would rank first (NaN) or
+    score 1 against everything (inf clipped), and join every group."""
+    x = planted()
+    x[5] = np.nan
+    x[12] = np.inf
+    x[30, :3] = -np.inf
+    return write_embeddings(path, x, root=str(path.parent))
+
+
+def test_top_k_and_pairs_leave_invalid_rows_out():
+    x = planted()
+    valid = np.ones(len(x), bool)
+    valid[[7, 20]] = False
+    s, i = top_k(x[3], x, 58, chunk=16, valid=valid)
+    assert 7 not in i[0] and 20 not in i[0] and sorted(i[0]) == sorted(set(range(60)) - {7, 20})
+    pairs = {(int(a), int(b)) for p, q, _ in duplicate_pairs(x, 0.99, chunk=7, valid=valid) for a, b in zip(p, q)}
+    assert pairs == {(3, 40), (10, 50)}
+    with pytest.raises(InputError, match="between 1 and the number of embeddings \\(58 finite\\)"):
+        top_k(x[3], x, 59, valid=valid)
+    with pytest.raises(InputError, match="not finite"):
+        top_k(np.full((1, 16), np.nan, np.float32), x, 3)
+
+
+def test_neighbors_and_duplicates_skip_rows_that_are_not_finite(tmp_path):
+    emb = with_bad_rows(tmp_path / "e.npy")
+    result = runner.invoke(app, ["neighbors", str(emb), "--row", "3", "-k", "60", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)["neighbors"]
+    assert [n["row"] for n in found[:2]] == [7, 40] and len(found) == 56
+    assert not {5, 12, 30} & {n["row"] for n in found}
+    warning = " ".join(result.stderr.split())
+    assert "left out 3 row(s) that are not finite (NaN or infinite), rows 5, 12, 30" in warning
+    result = runner.invoke(app, ["duplicates", str(emb), "-t", "0.99", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [[m["row"] for m in g["members"]] for g in json.loads(result.stdout)["groups"]] == [[3, 7, 40], [10, 50]]
+    assert "left out 3 row(s)" in result.stderr
+    other = write_embeddings(tmp_path / "o.npy", np.stack([planted()[10], np.full(16, np.nan, np.float32)]),
+                             paths=["x.png", "nan.png"], root="/other")
+    result = runner.invoke(app, ["duplicates", str(emb), "-t", "-1", "--cross", str(other), "--json"])
+    pairs = json.loads(result.stdout)["pairs"]
+    assert {p["other_row"] for p in pairs} == {0} and not {5, 12, 30} & {p["row"] for p in pairs}
+    assert f"{other}: left out 1 row(s)" in " ".join(result.stderr.split())
+
+
+def test_a_query_row_that_is_not_finite_is_one_line(tmp_path):
+    emb = with_bad_rows(tmp_path / "e.npy")
+    result = runner.invoke(app, ["neighbors", str(emb), "--row", "5"])
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "row 5" in lines[0] and "is not finite" in " ".join(result.stderr.split())

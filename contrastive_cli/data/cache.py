@@ -1,22 +1,31 @@
 """Decoded-image cache: decode a folder once, reuse it in every later run on that folder.
 
     CACHE/decoded/<hash of folder path and resolution>/
-        index.json        rows: [relative path, byte size, mtime_ns] per cached image, skipped files
+        index.json        rows: [relative path, byte size, mtime_ns, ctime_ns, inode] per cached image,
+                          skipped files
         images-<id>.bin   uint8 [N, R, R, 3], memory-mapped (a folder larger than RAM stays on disk)
 
-Entries are keyed per file by (path, size, mtime) and per folder by resolution, so a run after a
-change re-decodes only the files that changed. The index is replaced atomically and names the
-data file it describes, so a concurrent reader never sees an index with the wrong data.
+Entries are keyed per file by (path, size, mtime, ctime, inode) and per folder by resolution, so a
+run after a change re-decodes only the files that changed. The ctime is there because a rewrite of
+the same size with its mtime restored (`cp -p`, `rsync -t`, `tar x`) keeps size and mtime, but no
+user can set a ctime. The index is replaced atomically and names the data file it describes, so a
+concurrent reader never sees an index with the wrong data.
+
+The data file is allocated for real (posix_fallocate) before anything is written to its mapping:
+writing a page of a sparse mapping on a full disk kills the process with SIGBUS. When the disk has
+not room for it (with FREE_MARGIN to spare), or the cache cannot be written at all, the folder is
+decoded in memory instead and `on_warning` is told why.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +33,8 @@ from ..files import cache_dir, write_json_atomic
 from .decode import ImageSet, decode_or_reason, decode_pool, load_folder, quiet_pillow
 from .scan import no_usable_image, scan_images
 
-VERSION = 1  # bump when decoding changes, so old entries are not reused
+VERSION = 2  # bump when decoding or the key changes, so old entries are not reused (2: ctime, inode)
+FREE_MARGIN = 64 << 20  # bytes left free on the cache's disk beside a new data file
 
 
 def _entry_dir(folder: Path, size: int, root: Path | None) -> Path:
@@ -33,12 +43,12 @@ def _entry_dir(folder: Path, size: int, root: Path | None) -> Path:
     return (root or cache_dir() / "decoded") / key
 
 
-def _stat_key(folder: Path, path: Path) -> tuple[str, int, int] | None:
+def _stat_key(folder: Path, path: Path) -> tuple[str, int, int, int, int] | None:
     try:
         st = path.stat()
     except OSError:
         return None
-    return (path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+    return (path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def _read_entry(entry: Path, size: int):
@@ -52,6 +62,29 @@ def _read_entry(entry: Path, size: int):
         return rows, skipped, images, index["data"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}, {}, None, None
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` really allocated on disk (room checked first); OSError if not."""
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if nbytes + FREE_MARGIN > free:
+        raise OSError(errno.ENOSPC, f"{nbytes / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free "
+                                    f"(keeping {FREE_MARGIN / 2**20:.0f} MiB spare)", str(path.parent))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        if nbytes:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, nbytes)  # no fallocate here: room was checked above
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def _age_s(path: Path) -> float:
@@ -68,18 +101,26 @@ def load_cached(
     root: Path | None = None,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> tuple[ImageSet, int]:
     """Like decode.load_folder, through the cache: (ImageSet with memory-mapped images, files decoded now).
 
-    Falls back to decoding in memory when the cache directory cannot be written.
+    Falls back to decoding in memory when the cache cannot be written (read-only, no room for the
+    data file, a failed write); `on_warning(message)` is then told why (nothing is said without it).
     """
     folder = Path(folder)
     entry = _entry_dir(folder, size, root)
-    try:
-        entry.mkdir(parents=True, exist_ok=True)
-    except OSError:
+
+    def in_memory(reason: str):
+        if on_warning is not None:
+            on_warning(f"decoded-image cache {entry} not used: {reason}; decoding in memory this time")
         data = load_folder(folder, size, workers=workers, on_progress=on_progress)
         return data, len(data) + len(data.skipped)
+
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return in_memory(e.strerror or str(e))
     unreadable: list[tuple[str, str]] = []
     files = scan_images(folder, skipped=unreadable)
     keys = [_stat_key(folder, f) for f in files]
@@ -94,42 +135,63 @@ def load_cached(
         return ImageSet(folder, paths, old_images, skipped), 0
 
     data_name = f"images-{uuid.uuid4().hex[:12]}.bin"
-    out = np.memmap(entry / data_name, np.uint8, "w+", shape=(len(files), size, size, 3))
+    shape = (len(files), size, size, 3)
+    try:
+        _allocate(entry / data_name, int(np.prod(shape)))
+    except OSError as e:
+        return in_memory(e.strerror or str(e))
+    out = np.memmap(entry / data_name, np.uint8, "r+", shape=shape) if files else np.zeros(shape, np.uint8)
     rows, skipped_keys, paths, skipped = [], [], [], list(unreadable)
     decoded = iter(())
-    with decode_pool(workers) as pool, quiet_pillow():
-        decoded = pool.map(lambda i: decode_or_reason(files[i], size), fresh)
-        fresh_set = set(fresh)
-        j = 0
-        for i, key in enumerate(keys):
-            if i in fresh_set:
-                result = next(decoded)
-            elif key in old_rows:
-                result = old_images[old_rows[key]]
-            else:
-                result = old_skipped[key]
-            rel = files[i].relative_to(folder).as_posix()
-            if isinstance(result, str):
-                skipped.append((rel, result))
-                if key is not None and not result.startswith("permission denied"):
-                    # (a chmod changes no mtime: an unreadable file is tried again next time)
-                    skipped_keys.append([list(key), result])
-            else:
-                out[j] = result
-                rows.append(list(key))
-                paths.append(rel)
-                j += 1
-            if on_progress:
-                on_progress(i + 1, len(files))
-    out.flush()
-    del out
+    try:
+        with decode_pool(workers) as pool, quiet_pillow():
+            decoded = pool.map(lambda i: decode_or_reason(files[i], size), fresh)
+            fresh_set = set(fresh)
+            j = 0
+            for i, key in enumerate(keys):
+                if i in fresh_set:
+                    result = next(decoded)
+                elif key in old_rows:
+                    result = old_images[old_rows[key]]
+                else:
+                    result = old_skipped[key]
+                rel = files[i].relative_to(folder).as_posix()
+                if isinstance(result, str):
+                    skipped.append((rel, result))
+                    if key is not None and not result.startswith("permission denied"):
+                        # (access can come back with the same bytes: an unreadable file is tried again)
+                        skipped_keys.append([list(key), result])
+                else:
+                    out[j] = result
+                    rows.append(list(key))
+                    paths.append(rel)
+                    j += 1
+                if on_progress:
+                    on_progress(i + 1, len(files))
+    except BaseException:  # interrupted, or a decoder failed: no orphan data file
+        del out
+        (entry / data_name).unlink(missing_ok=True)
+        raise
     if not paths:
+        del out
         (entry / data_name).unlink(missing_ok=True)
         raise no_usable_image(folder, len(files), skipped)
-    os.truncate(entry / data_name, j * size * size * 3)
-    write_json_atomic(entry / "index.json", {"version": VERSION, "folder": str(folder.resolve()),
-                                                        "size": size, "data": data_name, "rows": rows,
-                                                        "skipped": skipped_keys})
+    try:
+        if isinstance(out, np.memmap):
+            out.flush()
+        os.truncate(entry / data_name, j * size * size * 3)
+        write_json_atomic(entry / "index.json", {"version": VERSION, "folder": str(folder.resolve()),
+                                                 "size": size, "data": data_name, "rows": rows,
+                                                 "skipped": skipped_keys})
+    except OSError as e:  # the pixels are all here: keep them in memory, leave no half entry behind
+        images = np.array(out[:j])
+        del out
+        (entry / data_name).unlink(missing_ok=True)
+        if on_warning is not None:
+            on_warning(f"decoded-image cache {entry} not used: {e.strerror or e}; keeping the decoded "
+                       f"images in memory this time")
+        return ImageSet(folder, paths, images, skipped), len(fresh)
+    del out
     # Drop the data this index replaced (a reader that has it mapped keeps its pages), and leftovers
     # of interrupted runs; never a file another run may still be writing.
     for stale in entry.glob("images-*.bin"):

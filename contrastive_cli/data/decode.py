@@ -206,9 +206,17 @@ def decode_files(
     return (images if keep.all() else images[keep]), paths, skipped
 
 
-def decode_pool(workers: int | None = None) -> ThreadPoolExecutor:
-    """Threads for decoding: Pillow releases the GIL while it decodes and resizes."""
-    return ThreadPoolExecutor(workers or min(16, (os.cpu_count() or 2) + 2))
+@contextmanager
+def decode_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
+    """Threads for decoding (Pillow releases the GIL while it decodes and resizes), as a `with`
+    block. On an error or Ctrl-C the decodes not yet started are cancelled, not waited for."""
+    pool = ThreadPoolExecutor(workers or min(16, (os.cpu_count() or 2) + 2))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def load_folder(

@@ -1,6 +1,18 @@
-"""Folder -> embeddings.npy + index (row i <-> path i); similarity of two images (encoder.py)."""
+"""Folder -> embeddings.npy + index (row i <-> path i); similarity of two images (encoder.py).
+
+Replacing a pair (`embed --force`) never leaves a pair that silently disagrees. Both files are
+written to temporary names beside the targets and flushed to disk; the index records the size and
+sha256 of the .npy it describes; then the index is renamed over X.json and the array over X.npy,
+with SIGINT/SIGTERM held off between the two renames. Any failure before the renames (disk full,
+quota, a read-only folder, a signal) leaves the old pair untouched and no temporary file behind. A
+crash between the renames leaves the new index beside the old array, which `load_embeddings`
+refuses (the checksum differs) instead of pairing rows with the wrong paths.
+"""
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,7 +22,7 @@ from ..config import EMBEDDING_DTYPES
 from ..data.decode import decode_files, decode_pool
 from ..data.scan import no_usable_image, scan_images
 from ..errors import InputError
-from ..files import write_atomic, write_json_atomic
+from ..files import replace_all, sha256_file, write_temp
 from .encoder import Encoder, embed_files, load_encoder
 
 CHUNK = 1024  # images decoded at a time: memory stays bounded on folders of any size
@@ -31,11 +43,14 @@ def embed_folder(
     batch_size: int = 128,
     conv: str | None = None,
     on_progress=None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Embed every usable image under `folder` with the run's encoder; write `output` and its index.
 
     Returns the index dict (also written to output with a .json suffix). Row i of the array is
     index["paths"][i]. `conv`: the convolution to run (see load_encoder). Files that cannot be decoded are left out and listed in index["skipped"].
+    `stop()` is asked just before the files are replaced: True (a signal arrived) raises
+    KeyboardInterrupt and leaves the old files as they were. A failed write raises files.WriteError.
     """
     folder, output = Path(folder), Path(output)
     if output.suffix != ".npy":
@@ -43,10 +58,14 @@ def embed_folder(
     if dtype not in EMBEDDING_DTYPES:
         raise InputError(f"dtype {dtype!r} must be one of {', '.join(EMBEDDING_DTYPES)}")
     for p in (output, index_path(output)):
-        if p.exists() and not force:
+        if p.is_dir():
+            raise InputError(f"{p} is a folder; give a file name for the embeddings")
+        if (p.exists() or p.is_symlink()) and not force:
             raise InputError(f"{p} already exists; pass --force to replace it")
     if not output.parent.is_dir():
         raise InputError(f"output folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK):  # fail before the embedding work, not after
+        raise InputError(f"cannot write to the output folder {output.parent} (read-only or no permission)")
     skipped: list[tuple[str, str]] = []  # (relative path, reason): unreadable folders, then files
     files = scan_images(folder, skipped=skipped)
     encoder = load_encoder(run_dir, batch_size=batch_size, conv=conv)
@@ -72,9 +91,33 @@ def embed_folder(
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_atomic(output, lambda f: np.save(f, array))
-    write_json_atomic(index_path(output), index)
+    write_pair(output, array, index, stop=stop)
     return index
+
+
+def write_pair(output: Path, array: np.ndarray, index: dict, *, stop: Callable[[], bool] | None = None) -> None:
+    """Replace X.npy and X.json together (see the module docstring); index gains "npy_bytes" and "npy_sha256"."""
+    output = Path(output)
+    # Through f.write, not ndarray.tofile (np.save's path for real files), whose short write on a full
+    # disk is an OSError without errno ("2048 requested and 992 written").
+    npy = write_temp(output, lambda f: np.save(_Writes(f), array))
+    try:
+        index["npy_bytes"] = npy.stat().st_size
+        index["npy_sha256"] = sha256_file(npy)
+        text = json.dumps(index, indent=2, allow_nan=False) + "\n"
+        ipath = index_path(output)
+        meta = write_temp(ipath, lambda f: f.write(text.encode()))
+    except BaseException:
+        npy.unlink(missing_ok=True)
+        raise
+    replace_all([(meta, ipath), (npy, output)], stop=stop)
+
+
+class _Writes:
+    """A file object that only has write(): np.save then writes in chunks through it."""
+
+    def __init__(self, f):
+        self.write = f.write
 
 
 def iter_embeddings(encoder: Encoder, folder: Path, files: list[Path], *, on_progress=None):

@@ -1,6 +1,8 @@
 """The embeddings file pair written by `contrastive embed`: X.npy ([N, D] unit rows) and X.json (its index).
 
-Opening checks that the two agree and maps the array without reading it; `block` copies a run of
+Opening checks that the two agree (row count, width, dtype, and, for indexes written since it was
+recorded, the .npy's size and sha256: a pair left half-replaced by a crash is refused, never read
+with the wrong paths) and maps the array; `block` copies a run of
 rows out and lets the mapped pages go (`release`), so streaming a file larger than RAM keeps the
 resident memory at one block.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..files import sha256_file
 
 DTYPES = ("float32", "float16")
 
@@ -26,6 +29,8 @@ def load_embeddings(path: Path) -> tuple[np.ndarray, dict]:
 
     Returns (array [N, D] float16/float32, read-only memmap, index dict). Raises InputError for a
     missing or unreadable file, a missing or mismatched index, a non-2-D array or a wrong dtype.
+    An index with "npy_sha256" (embed writes one) must match the file's bytes: hashing reads the
+    file once (about 1 s per GB); older indexes without it are checked as before.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,7 +62,21 @@ def load_embeddings(path: Path) -> tuple[np.ndarray, dict]:
         raise InputError(f"index {ipath} says dim {index['dim']} but {path} has {d} columns")
     if index.get("dtype", array.dtype.name) != array.dtype.name:
         raise InputError(f"index {ipath} says dtype {index['dtype']} but {path} holds {array.dtype.name}")
+    _check_checksum(path, ipath, index)
     return array, index
+
+
+def _check_checksum(path: Path, ipath: Path, index: dict) -> None:
+    size, digest = index.get("npy_bytes"), index.get("npy_sha256")
+    stale = (f"index {ipath} does not describe {path} ({{}}): the pair was not replaced together "
+             f"(an interrupted `embed --force`?); embed the folder again")
+    try:
+        if isinstance(size, int) and path.stat().st_size != size:
+            raise InputError(stale.format(f"{path.stat().st_size} bytes, the index says {size}"))
+        if isinstance(digest, str) and sha256_file(path) != digest:
+            raise InputError(stale.format("its sha256 differs"))
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def row_of_path(index: dict, path: str | Path) -> int:

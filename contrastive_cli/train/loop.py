@@ -93,7 +93,8 @@ def pretrain(
         data = _load_images(folder, cfg, images=images, cache=cache, monitor=monitor, multi=multi)
         load_s = time.perf_counter() - t0
         # Decoded before the run directory is made, so a bad labeled folder fails before anything is written.
-        probe = KnnProbe(cfg.eval_folder, cfg, cache=cache, on_progress=monitor.loading) if cfg.eval_folder else None
+        probe = (KnnProbe(cfg.eval_folder, cfg, cache=cache, on_progress=monitor.loading, on_warning=monitor.warn)
+                 if cfg.eval_folder else None)
         if not resume:
             run.create(cfg, force=force, images=folder)
         _report_skipped(run, data, monitor)
@@ -142,7 +143,7 @@ def _load_images(folder: Path, cfg: TrainConfig, *, images: ImageSet | None, cac
     if images is not None:
         data = images
     elif cache:
-        data = load_cached(folder, size, on_progress=monitor.loading)[0]
+        data = load_cached(folder, size, on_progress=monitor.loading, on_warning=monitor.warn)[0]
     else:
         data = load_folder(folder, size, on_progress=monitor.loading)
     if multi:

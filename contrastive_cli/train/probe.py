@@ -29,11 +29,11 @@ class KnnProbe:
     Every process must call it together (the forward pass is one sharded program).
     """
 
-    def __init__(self, folder: Path, cfg: TrainConfig, *, cache: bool = True, on_progress=None):
+    def __init__(self, folder: Path, cfg: TrainConfig, *, cache: bool = True, on_progress=None, on_warning=None):
         self.folder, self.cfg = Path(folder), cfg
         size = cfg.model.image_size  # as `embed`: shorter side resized to the view size, centre crop
         if cache:
-            data = load_cached(self.folder, size, on_progress=on_progress)[0]
+            data = load_cached(self.folder, size, on_progress=on_progress, on_warning=on_warning)[0]
         else:
             data = load_folder(self.folder, size, on_progress=on_progress)
         self.labels, self.classes = class_labels(data.paths, self.folder)
