@@ -181,27 +181,40 @@ def _interrupted() -> typer.Exit:
 def _heavy_command() -> None:
     """Process-wide settings for a command that compiles and runs the model (pretrain, embed,
     evaluate): the CPU speed wing (perf.switch_on), JAX's persistent compilation cache, and Orbax's
-    INFO logging silenced. Called first in those commands, before NumPy or JAX start."""
-    if _AS_COMMAND:
-        try:
-            from . import perf
-        except ImportError:  # the wing is not installed: the same results, slower
-            perf = None
-        if perf is not None:
-            # Held across the re-exec (the mask and pending signals survive execve), delivered by
-            # main() in the new process once its handler is in place; or here if no re-exec happened.
-            held = _in_main_thread()
-            if held:
-                signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-            try:
-                perf.switch_on(reexec=True)
-            finally:
-                if held:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    import logging
+    INFO logging silenced. Called first in those commands, before NumPy or JAX start.
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax reports every save through absl at INFO
-    _enable_compilation_cache()
+    SIGINT and SIGTERM are held (blocked) meanwhile and delivered after: a KeyboardInterrupt raised
+    inside a native extension's import (jaxlib's nanobind, TensorStore's pybind11) aborts the
+    process with a C++ `terminate` instead of one line. The mask and pending signals survive the
+    perf re-exec; main() delivers them in the new process once its handler is in place."""
+    with _signals_held():
+        if _AS_COMMAND:
+            try:
+                from . import perf
+            except ImportError:  # the wing is not installed: the same results, slower
+                perf = None
+            if perf is not None:
+                perf.switch_on(reexec=True)
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax reports every save through absl at INFO
+        _enable_compilation_cache()  # imports JAX
+        try:
+            import orbax.checkpoint  # noqa: F401  (TensorStore: native, like jaxlib)
+        except ImportError:
+            pass
+
+
+@contextmanager
+def _signals_held():
+    held = _in_main_thread() and hasattr(signal, "pthread_sigmask")
+    if held:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _enable_compilation_cache() -> None:
