@@ -17,7 +17,7 @@ LAYERS = [
     {"infer"},
     {"train"},
     {"perf"},  # the opt-in wing: lazily imported by nn.conv and train.loop, it may import train
-    {"console", "cli", "__init__"},
+    {"console", "cli", "__init__", "__main__"},
 ]
 # The wing's imports from below it that are allowed to be lazy (inside a function), with a fallback.
 LAZY_UP = {("nn.conv", "perf.fastconv"), ("train.loop", "perf.stepcache")}
