@@ -170,18 +170,6 @@ def test_both_entry_points_match_lax_where_winograd_applies(conv, conv_backend):
         close(got, expected, 1e-4)
 
 
-def test_conv2d_runs_winograd_where_it_applies_and_conv2d_im2col_never(monkeypatch):
-    x, kernel, _, _ = operands((2, 4, 4, 128, 16, 3, 1, 1))
-    calls = []
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, k: calls.append(x.shape) or reference(x, k, 1, 1))
-    fastconv.conv2d(x, kernel, stride=1, padding=1)
-    assert calls == [(2, 4, 4, 128)]
-    fastconv.conv2d_im2col(x, kernel, stride=1, padding=1)
-    fastconv.conv2d(x, kernel, stride=2, padding=1)  # strided: not Winograd's case
-    fastconv.conv2d(x[..., :64], kernel[:, :, :64], stride=1, padding=1)  # too few channels
-    assert calls == [(2, 4, 4, 128)]
-
-
 @pytest.mark.parametrize("name", ["CONTRASTIVE_WINOGRAD", "CONTRASTIVE_FAST_CONV"])
 def test_no_environment_variable_switches_winograd(monkeypatch, name):
     # The model's config names the convolution (nn/conv.py); the environment no longer does.
