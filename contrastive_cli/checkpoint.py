@@ -8,6 +8,12 @@ Loading an encoder reads `model` alone, so inference never builds an optimizer. 
 before this layout hold one item, `default`, with both; they still load (`model` is read from it
 with a partial restore). Orbax writes each step to a temporary folder and renames it when whole.
 
+Each finished step gets RUN/checkpoints/<step>/digest.json, the sha256 of every file Orbax wrote
+(written once the step is on disk), and a restore checks the files of the items it reads against it
+first: Orbax stores arrays uncompressed with no checksum, so bytes changed on disk (a bad copy, bit
+rot, a stray write) would otherwise load as silently wrong weights. Steps without one (saved before
+0.2.1, or cut off between Orbax's rename and the digest) are read unchecked.
+
 A step that cannot be read (a file truncated, deleted or corrupted after it was saved) is passed
 over for the next older one that restores, and the caller is told through `warn`. Orbax's and
 TensorStore's failures, while restoring or saving (disk full), come back as one-line
@@ -15,7 +21,9 @@ CheckpointErrors; the tracebacks Orbax's threads log meanwhile are held back (`q
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +34,7 @@ from .errors import CheckpointError
 
 MODEL_ITEM, TRAIN_ITEM = "model", "train"
 LEGACY_ITEM = "default"  # one item holding model and training state (runs before 0.2)
+DIGEST = "digest.json"  # {"sha256": {relative path: hex}} of a finished step's files
 MODEL_KEYS = ("params", "stats")
 TRAIN_KEYS = ("opt", "step", "total")
 
@@ -79,6 +88,7 @@ def save(mngr, step: int, state: dict) -> None:
                                                      TRAIN_ITEM: ocp.args.StandardSave(train)}), force=True)
     except Exception as e:
         raise _save_error(mngr, e) from None
+    _write_digests(Path(mngr.directory), but=step)  # Orbax finished the previous saves before this one
 
 
 def finish(mngr) -> None:
@@ -87,6 +97,57 @@ def finish(mngr) -> None:
         mngr.wait_until_finished()
     except Exception as e:
         raise _save_error(mngr, e) from None
+    _write_digests(Path(mngr.directory))
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_digests(directory: Path, but: int | None = None) -> None:
+    """digest.json in every finished step folder that lacks one (process 0 only: one writer)."""
+    from .files import sha256_file, write_json_atomic
+    from .mesh import is_primary
+
+    if not is_primary():
+        return
+    try:
+        steps = [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir() and int(p.name) != but]
+    except OSError:
+        return
+    for where in steps:
+        if (where / DIGEST).exists():
+            continue
+        try:
+            digest = {rel: sha256_file(p) for rel, p in _files(where).items()}
+            write_json_atomic(where / DIGEST, {"sha256": digest})
+        except OSError as e:
+            if not where.is_dir():
+                continue  # deleted meanwhile (Orbax keeps the last `keep`)
+            # disk full now: the step stays readable, unchecked, and the run stops here as for any save
+            raise CheckpointError(f"could not save a checkpoint in {directory}: {e.strerror or e}") from None
+
+
+def _check_digest(where: Path, item: str) -> None:
+    """The files of `item` in the step folder `where` are those its digest.json lists, byte for
+    byte; no digest.json: nothing to check."""
+    from .files import sha256_file
+
+    try:
+        digest = json.loads((where / DIGEST).read_text())["sha256"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {where} cannot be read: its {DIGEST} is damaged ({e})") from None
+    listed = {rel for rel in digest if rel.split("/", 1)[0] == item}
+    present = _files(where / item)
+    for rel in sorted(listed):
+        sub = rel.split("/", 1)[1]
+        if sub not in present:
+            raise CheckpointError(f"checkpoint {where} cannot be read: {item}/{sub} is missing")
+        if sha256_file(present[sub]) != digest[rel]:
+            raise CheckpointError(f"checkpoint {where} cannot be read: {item}/{sub} changed since it was "
+                                  "saved (its sha256 differs from digest.json)")
 
 
 def _save_error(mngr, e: Exception) -> Exception:
@@ -95,25 +156,47 @@ def _save_error(mngr, e: Exception) -> Exception:
     return CheckpointError(f"could not save a checkpoint in {mngr.directory}: {reason(e)}")
 
 
-class _DropOrbaxRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "orbax" not in record.pathname
+_PARTIAL = re.compile(r"^\d+\.orbax-checkpoint-tmp")  # Orbax's folder for a step being written
+
+
+def discard_partial_saves(run_dir: Path) -> None:
+    """Remove the temporary folders of saves that failed (a full disk leaves one per step): only
+    Orbax's own `<step>.orbax-checkpoint-tmp*` folders under RUN/checkpoints, never a finished step.
+    Call it once no save is in flight (after the manager is closed)."""
+    import shutil
+
+    try:
+        partial = [p for p in checkpoint_dir(run_dir).iterdir() if _PARTIAL.match(p.name) and p.is_dir()]
+    except OSError:
+        return
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
 
 
 @contextmanager
 def quiet_orbax() -> Iterator[None]:
     """Hold back the log records (each with a traceback, one per thread) that Orbax's background
-    threads emit through the `absl` logger when a save fails: the failure reaches the caller as one
-    CheckpointError instead. The logger is as it was after the block."""
-    drop = _DropOrbaxRecords()
-    logger = logging.getLogger("absl")
-    logger.addFilter(drop)
+    threads emit through the `absl` logger when a save fails, and asyncio's "Task exception was
+    never retrieved" for its abandoned tasks: the failure reaches the caller as one CheckpointError
+    instead. Every `absl` record is held back meanwhile: absl's findCaller names its own module, not
+    Orbax's, so Orbax's records cannot be told apart by their path (and nothing else here logs
+    through absl). The loggers are as they were after the block; threads of a failed save that log
+    after it are the CLI's to silence (cli._heavy_command)."""
+    loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
+    for logger in loggers:
+        logger.addFilter(_drop)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        for logger in loggers:
+            logger.removeFilter(_drop)
 
 
+_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")  # how TensorStore appends errno to its status
 _STATUS = re.compile(r"^[A-Z_]{4,}: ")  # TensorStore's status codes: DATA_LOSS, OUT_OF_RANGE, ...
 
 
@@ -125,6 +208,10 @@ def reason(e: BaseException) -> str:
         seen.add(id(e))
         chain.append(e)
         e = e.__cause__ or e.__context__
+    for x in chain:  # a file-system error deep inside TensorStore: the OS's words say it all
+        code = _OS_ERROR.search(str(x))
+        if code:
+            return f"{os.strerror(int(code.group(1)))} [errno {code.group(1)}]"
     status = [x for x in chain if _STATUS.match(str(x))]
     pick = status[-1] if status else chain[0]
     text = " ".join(str(pick).split()) or type(pick).__name__
@@ -172,6 +259,7 @@ def _newest_that_restores(run_dir: Path, step: int | None, restore: Callable[[Pa
 def _restore_model_at(where: Path, abstract_model: dict) -> dict:
     ocp = _ocp()
     if (where / MODEL_ITEM).is_dir():
+        _check_digest(where, MODEL_ITEM)
         return ocp.StandardCheckpointer().restore(where / MODEL_ITEM, abstract_model)
     if (where / LEGACY_ITEM).is_dir():
         args = ocp.args.PyTreeRestore(item=abstract_model, partial_restore=True,
@@ -188,6 +276,7 @@ def _restore_state_at(where: Path, abstract_state: dict) -> dict:
         raise CheckpointError(f"checkpoint {where} holds no training state (no {TRAIN_ITEM}/ folder): "
                               "it can embed, not resume")
     model = _restore_model_at(where, {k: abstract_state[k] for k in MODEL_KEYS})
+    _check_digest(where, TRAIN_ITEM)
     train = ocp.StandardCheckpointer().restore(where / TRAIN_ITEM, {k: abstract_state[k] for k in TRAIN_KEYS})
     return {**model, **train}
 

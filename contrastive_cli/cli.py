@@ -120,11 +120,16 @@ def _signal_seen() -> bool:
 
 def _quiet_unraisable(hook):
     """sys.unraisablehook that drops a KeyboardInterrupt (the signal is recorded; the command ends
-    for it) instead of printing "Exception ignored in ..." with a traceback."""
+    for it) instead of printing "Exception ignored in ..." with a traceback, and asyncio's "Event
+    loop is closed": TensorStore's callbacks of a failed Orbax save, arriving after Orbax closed
+    their loop (hundreds of tracebacks after a disk-full save, whose error is already one line)."""
 
     def unraisable(info):
-        if not (isinstance(info.exc_type, type) and issubclass(info.exc_type, KeyboardInterrupt)):
-            hook(info)
+        if isinstance(info.exc_type, type) and issubclass(info.exc_type, KeyboardInterrupt):
+            return
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        hook(info)
 
     return unraisable
 
@@ -197,7 +202,11 @@ def _heavy_command() -> None:
                 perf.switch_on(reexec=True)
         import logging
 
-        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax reports every save through absl at INFO
+        if not os.environ.get("CONTRASTIVE_DEBUG"):
+            # Orbax reports every save through absl at INFO, and a failed save as a traceback per
+            # thread, some after the command has reported it (as one CheckpointError line).
+            for name in ("absl", "asyncio"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         _enable_compilation_cache()  # imports JAX
         try:
             import orbax.checkpoint  # noqa: F401  (TensorStore: native, like jaxlib)
@@ -415,7 +424,8 @@ def embed(
     progress = console.DecodeProgress("embedding")
     try:
         index = _run(embed_folder, folder, model, output, force=force, dtype=dtype.value,
-                     batch_size=batch_size, conv="auto", on_progress=progress, stop=_signal_seen)
+                     batch_size=batch_size, conv="auto", on_progress=progress, stop=_signal_seen,
+                     on_warning=console.warn)
     finally:
         progress.close()
     if index["skipped"]:
@@ -438,7 +448,7 @@ def similarity(
     _enable_compilation_cache()
     from .infer.embed import similarity as run_similarity
 
-    value = _run(run_similarity, a, b, model)
+    value = _run(run_similarity, a, b, model, on_warning=console.warn)
     if as_json:
         typer.echo(json.dumps({"a": str(a), "b": str(b), "model": str(model), "similarity": value}))
     else:
@@ -562,7 +572,8 @@ def evaluate(
     progress = console.DecodeProgress("embedding")
     try:
         result = _run(run_evaluate, folder, model, train_dir=train, test_dir=test, test_fraction=test_fraction,
-                      seed=seed, k=k, embed_grid=embed_grid, on_progress=progress)
+                      seed=seed, k=k, embed_grid=embed_grid, on_progress=progress,
+                        on_warning=console.warn)
     finally:
         progress.close()
     if as_json:
@@ -587,6 +598,20 @@ def plot(
     typer.echo(str(_run(plot_metrics, run, output, force=force)))
 
 
+def _exit_interrupted(code: int) -> None:
+    """End an interrupted command with exactly `code` (130, 143). A normal exit would let CPython
+    turn it into death by SIGINT (-2 to a parent; a shell still sees 130, but SIGTERM's 143 is
+    lost): under `python -m`, CPython re-raises SIGINT at exit when any KeyboardInterrupt once went
+    unhandled inside a C call of Python code (PyRun_String, as some extensions' imports make). The
+    command's files are closed by now; only the streams are flushed, and exit handlers skipped."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     global _AS_COMMAND
@@ -603,12 +628,13 @@ def main() -> None:
         _quiet_hooks()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         app()
-    except SystemExit:
-        if _signals["received"] and not _signals["stopping"]:  # an interrupt nobody reported: not a success
-            raise SystemExit(_interrupted().exit_code) from None
+    except SystemExit as e:
+        if _signals["received"]:
+            # an interrupt nobody reported is not a success
+            _exit_interrupted(e.code if _signals["stopping"] else _interrupted().exit_code)
         raise
     except KeyboardInterrupt:
-        sys.exit(_interrupted().exit_code)
+        _exit_interrupted(_interrupted().exit_code)
     except BrokenPipeError:  # `contrastive duplicates ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(0)

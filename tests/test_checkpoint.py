@@ -1,6 +1,10 @@
 """checkpoint.py: the model apart from the training state. An encoder loads from a checkpoint that
 holds no optimizer state; runs saved in the old one-item layout still load and resume."""
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,10 +18,12 @@ from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.errors import CheckpointError
 from contrastive_cli.infer.encoder import load_encoder
 from contrastive_cli.train.loop import pretrain
+from test_files import mounted_tmpfs
 
 pytestmark = pytest.mark.slow  # real training runs
 
 runner = CliRunner()
+tmpfs = pytest.fixture(mounted_tmpfs)
 CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), steps=2)
 
 
@@ -95,3 +101,66 @@ def test_no_checkpoint_is_a_one_line_error(tmp_path):
     CFG.save(tmp_path / "run" / "config.json")
     with pytest.raises(CheckpointError, match="has no checkpoint yet"):
         load_encoder(tmp_path / "run")
+
+
+def test_every_step_has_a_digest_and_a_changed_byte_is_caught(trained, tmp_path):
+    """Orbax stores arrays raw with no checksum: without digest.json a flipped byte would load as a
+    silently different weight. With it: one line naming the file, and `embed` exits 1."""
+    run = copy_run(trained, tmp_path)
+    (step,) = checkpoint.saved_steps(run)
+    where = run / "checkpoints" / str(step)
+    listed = json.loads((where / checkpoint.DIGEST).read_text())["sha256"]
+    assert {p.relative_to(where).as_posix() for p in where.rglob("*") if p.is_file()} - set(listed) == {checkpoint.DIGEST}
+    data = max((p for p in (where / "model").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x40  # one bit in the middle of the weights
+    data.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="changed since it was saved") as e:
+        load_encoder(run)
+    assert str(data.relative_to(where)) in str(e.value) and "\n" not in str(e.value)
+    out = runner.invoke(app, ["embed", str(trained / "images"), "--model", str(run), "--output", str(tmp_path / "e.npy")])
+    assert out.exit_code == 1 and "changed since it was saved" in out.output and not (tmp_path / "e.npy").exists()
+
+    (where / checkpoint.DIGEST).unlink()  # a step saved before digests: read unchecked, as before
+    assert load_encoder(run).step == step
+
+
+def test_commands_say_when_they_use_an_older_checkpoint(tmp_path):
+    """embed, similarity and evaluate print the fall-back to an older step as a warning."""
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(images / c / f"{i}.png")
+    run = tmp_path / "run"
+    pretrain(images, TrainConfig.tiny(model=ModelConfig(image_size=16), batch_size=4, steps=2, checkpoint_every=1),
+             run, cache=False)
+    (run / "checkpoints" / "2" / "model" / "_METADATA").unlink()
+    a, b = str(images / "a" / "0.png"), str(images / "b" / "0.png")
+    for args in (["embed", str(images), "--model", str(run), "--output", str(tmp_path / "e.npy")],
+                 ["similarity", a, b, "--model", str(run)],
+                 ["evaluate", str(images), "--model", str(run)]):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 0, out.output
+        assert "warning:" in out.stderr and "using step 1 instead" in out.stderr, (args[0], out.stderr)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_step(tmp_path, tmpfs):
+    """A real `contrastive pretrain` process whose checkpoint does not fit on a real tmpfs: exit 1,
+    one line naming the folder and the OS's reason (no tracebacks from Orbax's threads, before or
+    after), and no half-written step folder left."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    run = tmpfs.path / "run"  # 2 MiB: config.json and metrics fit, the small CNN's checkpoint does not
+    env = {k: v for k, v in os.environ.items() if k != "CONTRASTIVE_DEBUG"}
+    out = subprocess.run([sys.executable, "-m", "contrastive_cli", "pretrain", str(images), "--steps", "2",
+                          "-b", "4", "--image-size", "16", "--quiet", "--no-cache", "--output", str(run)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.count("\n") == 1, out.stderr[-3000:]
+    assert "could not save a checkpoint" in out.stderr and "No space left on device" in out.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == []

@@ -182,6 +182,59 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
+_CONTENDER = """
+import sys, time
+from pathlib import Path
+from contrastive_cli.errors import CheckpointError
+from contrastive_cli.train.rundir import RunDir
+out, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    with RunDir(out).lock(fresh=False):
+        held = time.time()
+        time.sleep(1.0)
+        (out.parent / f"held-{sys.argv[3]}").write_text(f"{held} {time.time()}")
+except CheckpointError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_a_stale_lock_is_taken_over_by_one_of_several_at_once(tmp_path):
+    """Real processes that all find the same stale lock at the same moment: one holds it at a time
+    (a late starter may take it after the first let go). Before the takeover was guarded, two of
+    six held it at once in one of three trials (test_a_taker_that_was_overtaken_... is the
+    deterministic half)."""
+    for trial in range(1):
+        root = tmp_path / str(trial)
+        out = fake_run(root / "run")
+        (out / LOCK_NAME).write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+        start = time.time() + 3.0  # every contender imported and spinning by then
+        procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(out), str(start), str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(6)]
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+        spans = sorted(tuple(map(float, p.read_text().split())) for p in root.glob("held-*"))
+        assert spans and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), (spans, outputs)
+        assert len(spans) + sum("in use by process" in o for o in outputs) == 6, outputs
+
+
+def test_a_taker_that_was_overtaken_leaves_the_new_lock_alone(tmp_path):
+    """The moment of the race: this process judged the lock stale, but another took it over before
+    this one acted. The takeover must see that and keep the other's lock."""
+    out = fake_run(tmp_path / "run")
+    stale = (_dead_pid(), socket.gethostname())
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(f"{holder.pid} {socket.gethostname()}\n")  # the other's, fresh
+        (out / "mine.tmp").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        assert not RunDir(out)._take_over(out / LOCK_NAME, out / "mine.tmp", stale)
+        assert (out / LOCK_NAME).read_text().split()[0] == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_live_lock_names_its_holder(tmp_path):
     out = fake_run(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

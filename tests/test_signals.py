@@ -60,9 +60,7 @@ def stop_embed(setup, signum, delay):
     return running, proc.returncode, stdout, stderr
 
 
-# A shell sees 130 either way: CPython can end a process that exits 130 by SIGINT instead, when an
-# interrupt once went unhandled inside C code's own Python call (PyRun_String) during an import.
-CODES = {signal.SIGINT: (130, -signal.SIGINT), signal.SIGTERM: (143, -signal.SIGINT)}
+CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 LINES = {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: interrupted by SIGTERM"}
 
 
@@ -79,12 +77,62 @@ def test_a_signal_at_any_moment_exits_130_with_one_line_and_keeps_the_old_pair(s
     running, rc, stdout, stderr = stop_embed(setup, signum, delay)
     if not running:
         pytest.skip(f"embed finished within {delay} s")
-    assert rc in CODES[signum], stderr
+    assert rc == CODES[signum], stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("embedding ")]
     assert lines == [LINES[signum]], stderr
     assert stdout == ""
     assert snapshot(out) == before  # the old pair, byte for byte, and no temporary file
+
+
+_FLAGGED = """
+import ctypes, threading, time
+flag = ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt")
+
+
+def keep_set():  # as a KeyboardInterrupt unhandled inside an extension's PyRun_String leaves it
+    while True:
+        flag.value = 1
+        time.sleep(0.005)
+
+
+threading.Thread(target=keep_set, daemon=True).start()
+from contrastive_cli.__main__ import main
+main()
+"""
+
+
+def _has_the_flag() -> bool:
+    import ctypes
+
+    try:
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt")
+        return True
+    except ValueError:  # CPython 3.12 moved it into _PyRuntime: no symbol to set from a test
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGINT's 130 is checked above; here 143 became -2
+def test_the_exit_code_is_exact_even_after_an_extension_saw_an_interrupt(setup, signum, tmp_path):
+    """Under `python -m`, CPython ends a process by SIGINT (-2) at exit when a KeyboardInterrupt
+    went unhandled inside PyRun_String (as during some extensions' imports) and no later PyRun_String
+    cleared the flag, whatever code it exits with; an interrupted command must still end with
+    130/143 exactly (SIGTERM's 143 was lost). The flag is set from a thread, as that moment leaves it."""
+    if not _has_the_flag():
+        pytest.skip("this CPython keeps the flag out of reach")
+    big, run, out = setup
+    (tmp_path / "flagged").mkdir()
+    (tmp_path / "flagged" / "__main__.py").write_text(_FLAGGED)
+    proc = subprocess.Popen([sys.executable, "-m", "flagged", "embed", str(big), "-m", str(run),
+                             "-o", str(tmp_path / "e.npy")], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    if proc.poll() is not None:
+        pytest.skip("embed finished within 3 s")
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == CODES[signum], stderr
+    assert not (tmp_path / "e.npy").exists()
 
 
 class _Swallowed:

@@ -44,6 +44,7 @@ def embed_folder(
     conv: str | None = None,
     on_progress=None,
     stop: Callable[[], bool] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> dict:
     """Embed every usable image under `folder` with the run's encoder; write `output` and its index.
 
@@ -51,6 +52,7 @@ def embed_folder(
     index["paths"][i]. `conv`: the convolution to run (see load_encoder). Files that cannot be decoded are left out and listed in index["skipped"].
     `stop()` is asked just before the files are replaced: True (a signal arrived) raises
     KeyboardInterrupt and leaves the old files as they were. A failed write raises files.WriteError.
+    `on_warning` gets the encoder's notes (an unreadable newest checkpoint passed over).
     """
     folder, output = Path(folder), Path(output)
     if output.suffix != ".npy":
@@ -69,6 +71,7 @@ def embed_folder(
     skipped: list[tuple[str, str]] = []  # (relative path, reason): unreadable folders, then files
     files = scan_images(folder, skipped=skipped)
     encoder = load_encoder(run_dir, batch_size=batch_size, conv=conv)
+    _tell(encoder, on_warning)
     rows, paths = [], []
     for kept, bad, _, features in iter_embeddings(encoder, folder, files, on_progress=on_progress):
         skipped += bad
@@ -133,11 +136,18 @@ def iter_embeddings(encoder: Encoder, folder: Path, files: list[Path], *, on_pro
             yield kept, bad, images, (encoder.embed(images) if kept else None)
 
 
-def similarity(a: Path, b: Path, run_dir: Path) -> float:
-    """Cosine similarity of two images' embeddings under the run's encoder, in [-1, 1]."""
+def _tell(encoder: Encoder, on_warning: Callable[[str], None] | None) -> None:
+    for note in encoder.notes if on_warning is not None else ():
+        on_warning(note)
+
+
+def similarity(a: Path, b: Path, run_dir: Path, *, on_warning: Callable[[str], None] | None = None) -> float:
+    """Cosine similarity of two images' embeddings under the run's encoder, in [-1, 1].
+    `on_warning` gets the encoder's notes (see embed_folder)."""
     for p in (a, b):
         if not Path(p).is_file():
             raise InputError(f"image not found: {p}")
     encoder = load_encoder(run_dir, batch_size=2)
+    _tell(encoder, on_warning)
     za, zb = embed_files(encoder, [a, b])
     return float(np.clip(za @ zb, -1.0, 1.0))

@@ -126,17 +126,21 @@ def evaluate(
     raw: bool = True,
     embed_grid: int = 0,
     on_progress=None,
+    on_warning=None,
 ) -> dict:
     """kNN and linear-probe accuracy of the run's encoder (and of raw pixels) on labeled images.
 
     Either `folder` (split per class with `test_fraction`, seeded) or `train_dir` and `test_dir`.
-    `embed_grid` > 0 overrides the run's embedding grid (see load_encoder).
+    `embed_grid` > 0 overrides the run's embedding grid (see load_encoder). `on_warning(line)` gets
+    the encoder's notes (an unreadable newest checkpoint passed over).
     """
     if (folder is None) == (train_dir is None or test_dir is None):
         raise InputError("give a labeled folder, or both --train and --test folders")
     if not 0 < test_fraction < 1:
         raise InputError(f"test fraction {test_fraction} is not in (0, 1)")
     encoder = encoder or load_encoder(run_dir, embed_grid=embed_grid)
+    for note in encoder.notes if on_warning is not None else ():
+        on_warning(note)
     if folder is not None:
         feats, classes = labeled_features(encoder, folder, on_progress=on_progress)
         tr, te = stratified_split(feats.labels, test_fraction, seed=seed)

@@ -289,6 +289,7 @@ def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: st
             warnings.append(f"{embeddings_path} was made by {index['model']}, not {model}: "
                             f"cosines across models are meaningless")
         encoder = load_encoder(Path(used_model), batch_size=1)
+        warnings += encoder.notes
         if encoder.dim != d:
             raise InputError(f"model {used_model} gives {encoder.dim}-d features but {embeddings_path} "
                              f"holds {d}-d embeddings")

@@ -320,6 +320,9 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
                 if ended:
                     raise
                 # else the error in flight (a failed save, a signal) is the one to report
+            finally:
+                if not ended and is_primary():
+                    checkpoint.discard_partial_saves(run.path)  # a failed save's half-written step
     return _Result(step, book.loss, book.first_step_s, loop_s)
 
 

@@ -27,6 +27,7 @@ are collectives.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -137,7 +138,8 @@ class RunDir:
                         pass
                 pid, host = _read_holder(lock)
                 if host == socket.gethostname() and pid is not None and not _alive(pid):
-                    lock.unlink(missing_ok=True)  # stale: its process is gone; take it over
+                    if self._take_over(lock, tmp, (pid, host)):  # stale: its process is gone
+                        return True
                     continue
                 where = "" if host == socket.gethostname() else f" on {host or 'an unknown host'}"
                 raise CheckpointError(
@@ -147,6 +149,35 @@ class RunDir:
             raise CheckpointError(f"could not lock {self.path}: another process took {lock} at the same time")
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _take_over(self, lock: Path, tmp: Path, stale: tuple[int, str]) -> bool:
+        """Replace the stale lock `stale` names with ours; False when another process got there
+        first. Takers queue on a flock of the run folder itself (no file of its own to leave
+        behind), so the check, the unlink and the link are one step: without it, two processes
+        that both found the stale lock could each unlink the other's fresh one and both "hold" it."""
+        try:
+            guard = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            guard = None
+        try:
+            if guard is not None:
+                try:
+                    fcntl.flock(guard, fcntl.LOCK_EX)
+                except OSError:  # a file system without flock: unguarded, as before
+                    pass
+            if _read_holder(lock) != stale:
+                return False  # taken over (or released) meanwhile: look again
+            lock.unlink(missing_ok=True)
+            try:
+                os.link(tmp, lock)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here: the O_EXCL path of _acquire
+                return False
+            return True
+        finally:
+            if guard is not None:
+                os.close(guard)
 
     def _release(self) -> None:
         lock = self.path / LOCK_NAME
