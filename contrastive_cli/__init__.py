@@ -9,7 +9,7 @@ loaded when first used:
     load_encoder(run)                      the trained encoder, model only     (infer/encoder.py)
 """
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 _LAZY = {"pretrain": "train.loop", "embed_folder": "infer.embed", "similarity": "infer.embed",
          "load_encoder": "infer.encoder", "TrainConfig": "config", "ModelConfig": "config",

@@ -3,6 +3,8 @@
     RUN/config.json                  TrainConfig: everything needed to rebuild the model
     RUN/checkpoints/<step>/model/    {"params", "stats"}: all an encoder needs
     RUN/checkpoints/<step>/train/    {"opt", "step", "total"}: what resuming needs besides
+    RUN/checkpoints/<step>/centre/   {"mean"}: the mean feature over training images, which embed
+                                     subtracts (infer/encoder.py); runs before 0.2.1 have none
 
 Loading an encoder reads `model` alone, so inference never builds an optimizer. Runs written
 before this layout hold one item, `default`, with both; they still load (`model` is read from it
@@ -32,7 +34,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import CheckpointError
 
-MODEL_ITEM, TRAIN_ITEM = "model", "train"
+MODEL_ITEM, TRAIN_ITEM, CENTRE_ITEM = "model", "train", "centre"
 LEGACY_ITEM = "default"  # one item holding model and training state (runs before 0.2)
 DIGEST = "digest.json"  # {"sha256": {relative path: hex}} of a finished step's files
 MODEL_KEYS = ("params", "stats")
@@ -73,19 +75,24 @@ def saved_steps(run_dir: Path) -> list[int]:
 def manager(run_dir: Path, keep: int = 2):
     """The CheckpointManager that saves a run's steps (two items each) and keeps the last `keep`."""
     ocp = _ocp()
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=(MODEL_ITEM, TRAIN_ITEM),
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=(MODEL_ITEM, TRAIN_ITEM, CENTRE_ITEM),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
-def save(mngr, step: int, state: dict) -> None:
-    """Start saving `state` at `step` (asynchronous; `finish(mngr)` to block). A failure of this or
-    of the previous save (they surface here) is a CheckpointError."""
+def save(mngr, step: int, state: dict, centre=None) -> None:
+    """Start saving `state` at `step` (asynchronous; `finish(mngr)` to block), with the feature
+    `centre` ([F] array) when given. A failure of this or of the previous save (they surface here)
+    is a CheckpointError."""
     ocp = _ocp()
     model = {k: state[k] for k in MODEL_KEYS}
     train = {k: state[k] for k in TRAIN_KEYS}
+    items = {MODEL_ITEM: ocp.args.StandardSave(model), TRAIN_ITEM: ocp.args.StandardSave(train)}
+    if centre is not None:
+        import numpy as np
+
+        items[CENTRE_ITEM] = ocp.args.StandardSave({"mean": np.asarray(centre, np.float32)})
     try:
-        mngr.save(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(model),
-                                                     TRAIN_ITEM: ocp.args.StandardSave(train)}), force=True)
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:
         raise _save_error(mngr, e) from None
     _write_digests(Path(mngr.directory), but=step)  # Orbax finished the previous saves before this one
@@ -283,13 +290,28 @@ def _restore_state_at(where: Path, abstract_state: dict) -> dict:
 
 def restore_model(run_dir: Path, abstract_model: dict, step: int | None = None, *,
                   warn: Callable[[str], None] | None = None) -> tuple[int, dict]:
-    """(step, {"params", "stats"}) of the latest (or given) checkpoint, into `abstract_model`'s
-    structure, shapes and shardings. Reads no optimizer state.
+    """(step, {"params", "stats", "centre"}) of the latest (or given) checkpoint, into
+    `abstract_model`'s structure, shapes and shardings; "centre" is a float32 [F] numpy array, or
+    None for a step saved without one. Reads no optimizer state.
 
     Without `step`, a newest checkpoint that cannot be read is passed over for the next older one
     that can, and `warn` (when given) gets one line saying so. Nothing restores: CheckpointError.
     """
-    return _newest_that_restores(run_dir, step, lambda where: _restore_model_at(where, abstract_model), warn)
+    return _newest_that_restores(
+        run_dir, step, lambda where: {**_restore_model_at(where, abstract_model), "centre": _restore_centre_at(where)}, warn)
+
+
+def _restore_centre_at(where: Path):
+    """float32 [F] numpy array: the feature centre saved in the step folder `where`, or None."""
+    import numpy as np
+
+    if not (where / CENTRE_ITEM).is_dir():
+        return None
+    _check_digest(where, CENTRE_ITEM)
+    try:
+        return np.asarray(_ocp().StandardCheckpointer().restore(where / CENTRE_ITEM)["mean"], np.float32)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where} cannot be read: {reason(e)}") from None
 
 
 def restore_state(run_dir: Path, abstract_state: dict, step: int | None = None, *,

@@ -44,10 +44,41 @@ def copy_run(trained, tmp_path):
     return tmp_path / "run"
 
 
-def test_a_step_is_saved_as_model_and_train_items(trained):
+def test_a_step_is_saved_as_model_train_and_centre_items(trained):
     (step,) = checkpoint.saved_steps(trained / "run")
     items = sorted(p.name for p in (trained / "run" / "checkpoints" / str(step)).iterdir() if p.is_dir())
-    assert items == ["model", "train"]
+    assert items == ["centre", "model", "train"]
+
+
+def test_embeddings_are_centred_on_the_training_images_mean(trained, tmp_path):
+    """embed writes unit(h - centre), the centre being the mean of h over the training images, so
+    cosines spread around 0 instead of sharing the ReLU features' common direction. A run saved
+    without a centre (before 0.2.1) embeds unit(h), as it always did."""
+    from contrastive_cli.data.decode import decode_or_reason
+    from contrastive_cli.infer.encoder import embed_in_batches, no_centre, sharded_forward
+
+    encoder = load_encoder(trained / "run")
+    files = sorted((trained / "images").rglob("*.png"))
+    x = np.stack([decode_or_reason(f, 16) for f in files])  # as embed decodes them
+    raw = embed_in_batches(sharded_forward(encoder.graphdef, encoder.cfg, encoder._mesh, unit=False), encoder.params,
+                           encoder.stats, x, encoder._mesh, 8, centre=no_centre(encoder.cfg))
+    assert encoder.centre.shape == (encoder.dim,) and np.isfinite(encoder.centre).all()
+    # The centre came from the training images as cached for training (24 px) resized to 16 in
+    # memory; embed decodes them to 16 directly: the same direction, not the same numbers (the
+    # images are noise, the worst case for resampling).
+    mean = raw.mean(axis=0)
+    assert float(encoder.centre @ mean / np.linalg.norm(encoder.centre) / np.linalg.norm(mean)) > 0.95
+    want = raw - encoder.centre
+    np.testing.assert_allclose(encoder.embed(x), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    cos = encoder.embed(x) @ encoder.embed(x).T
+    assert abs(np.median(cos[np.triu_indices(len(x), 1)])) < 0.5  # centred: unrelated images spread around 0
+
+    run = copy_run(trained, tmp_path)
+    (step,) = checkpoint.saved_steps(run)
+    shutil.rmtree(run / "checkpoints" / str(step) / "centre")
+    old = load_encoder(run)
+    assert old.centre is None
+    np.testing.assert_allclose(old.embed(x), raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
 
 
 def test_embed_similarity_and_evaluate_need_no_optimizer_state(trained, tmp_path):
@@ -90,6 +121,8 @@ def test_a_run_in_the_old_layout_still_embeds_and_resumes(trained, tmp_path):
     run = copy_run(trained, tmp_path)
     _to_legacy_layout(run)
     old, new = load_encoder(run), load_encoder(trained / "run")
+    assert old.centre is None  # 0.1 saved none: its embeddings stay uncentred, as they were
+    new.centre = None
     x = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.testing.assert_array_equal(old.embed(x), new.embed(x))
     summary = pretrain(trained / "images", CFG, run, resume=True, cache=False)  # the whole state restores

@@ -193,7 +193,7 @@ def test_load_embeddings_messages(tmp_path):
 
 # --- real images: planted copies and light edits of Fashion-MNIST -------------------------------
 
-THRESHOLD = 0.998  # see planted_folder: distinct images stay below 0.9966, copies and edits above 0.9996
+THRESHOLD = 0.985  # see planted_folder: distinct images stay below 0.971, copies and edits above 0.997
 
 
 @pytest.fixture(scope="module")
@@ -201,10 +201,10 @@ def planted_folder(tmp_path_factory):
     """A 3-step run on examples/fashion-mnist, and the embeddings of 43 distinct images plus, for 4 of
     them, an exact copy, a JPEG at quality 85 and a 2x bicubic upscale.
 
-    This barely-trained encoder maps every image close together. Measured here (float16): distinct
-    images reach cosine 0.9966 (two of one class), the copies and these edits stay above 0.9996, so
-    0.998 separates them. Harsher edits do not separate at 3 steps: in a trial a 24 px downscale fell
-    to 0.995 and JPEG quality 30 to 0.9976, among distinct pairs.
+    Measured here (float16, embeddings centred on the run's mean feature): distinct images reach
+    cosine 0.971 (median -0.02), the copies and these edits stay above 0.997, so 0.985 separates
+    them. (Before centring, this barely-trained encoder put every image above 0.99: distinct pairs
+    reached 0.9966, copies 0.9996, a margin of 0.003 instead of 0.026.)
     """
     root = tmp_path_factory.mktemp("planted")
     run = root / "run"

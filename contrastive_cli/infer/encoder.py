@@ -2,8 +2,13 @@
 that writes unit embeddings, and the embedding of single image files.
 
 Embeddings are the encoder's features h (before the projection head; SimCLR section 4.2: "the
-hidden layer before the projection head is a better representation than the layer after"),
-L2-normalised, so a dot product is a cosine. Images are decoded as in training (EXIF, RGB), their
+hidden layer before the projection head is a better representation than the layer after"), less
+the run's centre (the mean of h over its training images, saved with each checkpoint), then
+L2-normalised, so a dot product is a cosine. Features after a ReLU all share one positive
+direction, so uncentred cosines of unrelated images sit at 0.5-0.8 depending on the run; centred,
+unrelated images like the training images score near 0 and edited copies of one image near 1
+(BENCHMARKS.md, "Similarity scale"; kNN accuracy moved by -1.7 to +2.2 points there). Runs saved
+before 0.2.1 have no centre and embed as before. Images are decoded as in training (EXIF, RGB), their
 shorter side resized to the model's image size and centre-cropped; no augmentation.
 """
 from __future__ import annotations
@@ -20,7 +25,7 @@ from flax import nnx
 from .. import checkpoint
 from ..config import TrainConfig
 from ..data.decode import decode_or_reason, quiet_pillow
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..mesh import batch_sharding, data_mesh, global_batch, local_rows, replicated
 from ..nn import augment
 from ..nn.conv import resolve
@@ -38,6 +43,8 @@ class Encoder:
     params: nnx.State
     stats: nnx.State
     batch_size: int = 128
+    # float32 [F]: subtracted from h before normalising (None: a run saved without one)
+    centre: np.ndarray | None = None
     # What loading had to say (a newest checkpoint that could not be read, passed over): for the CLI
     # to show; the library prints nothing.
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -55,32 +62,72 @@ class Encoder:
         return feature_dim(self.cfg.model)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        return embed_in_batches(self._forward, self.params, self.stats, images, self._mesh, self.batch_size)
+        centre = self.centre if self.centre is not None else no_centre(self.cfg)
+        return embed_in_batches(self._forward, self.params, self.stats, images, self._mesh, self.batch_size,
+                                centre=centre)
 
 
-def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig):
-    """(params, stats, uint8 images [B, S, S, 3]) -> their embeddings [B, feature_dim], unit rows:
-    what `embed` writes and every kNN (evaluate, the pretrain probe) compares."""
+def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig, *, unit: bool = True):
+    """(params, stats, uint8 images [B, S, S, 3], centre [F]) -> their embeddings [B, feature_dim]:
+    h less the centre (each grid cell's), unit rows: what `embed` writes and every kNN (evaluate,
+    the pretrain probe) compares. `unit=False`: h itself (the centre is not used)."""
+    grid = cfg.model.embed_grid
 
-    def forward(params, stats, images):
+    def forward(params, stats, images, centre):
         model = nnx.merge(graphdef, params, stats)
-        h = model.embed(augment.normalize(images, cfg.augment), cfg.model.embed_grid)
+        h = model.embed(augment.normalize(images, cfg.augment), grid)
+        if not unit:
+            return h
+        h = h - jnp.tile(centre, grid * grid)  # [B, G*G*F]: cells in row-major order, F each
         return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
 
     return forward
 
 
-def sharded_forward(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh):
+def sharded_forward(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh, *, unit: bool = True):
     """`unit_features` jitted over `mesh`: the batch split over its devices, the embeddings
     replicated (every process gets all rows)."""
     repl = replicated(mesh)
-    return jax.jit(unit_features(graphdef, cfg), in_shardings=(repl, repl, batch_sharding(mesh)), out_shardings=repl)
+    return jax.jit(unit_features(graphdef, cfg, unit=unit), in_shardings=(repl, repl, batch_sharding(mesh), repl),
+                   out_shardings=repl)
 
 
-def embed_in_batches(forward, params, stats, images: np.ndarray, mesh, batch_size: int) -> np.ndarray:
+CENTRE_IMAGES = 2048  # training images whose mean feature is a run's centre: +-1% of its norm (BENCHMARKS.md)
+
+
+def feature_mean(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh, params, stats, images: np.ndarray) -> np.ndarray:
+    """float32 [F]: the mean of h (the global average pool, grid 1) over up to CENTRE_IMAGES of
+    `images` (uint8 [N, R, R, 3], any R: resized to the model's size as embed's decoding would
+    give, near enough), chosen with cfg.seed. Every process passes the same rows (a collective)."""
+    pick = np.random.default_rng(cfg.seed).permutation(len(images))[:CENTRE_IMAGES]
+    sample = np.asarray(images[np.sort(pick)])
+    size = cfg.model.image_size
+    if sample.shape[1:3] != (size, size):
+        sample = np.asarray(_resize(jnp.asarray(sample), size))
+    one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_grid=1))
+    forward = sharded_forward(graphdef, one, mesh, unit=False)
+    h = embed_in_batches(forward, params, stats, sample, mesh, 256, centre=no_centre(cfg))
+    return h.mean(axis=0).astype(np.float32)
+
+
+@jax.jit(static_argnames="size")
+def _resize(images, size: int):
+    x = jax.image.resize(images.astype(jnp.float32), (images.shape[0], size, size, 3), "linear", antialias=True)
+    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+
+
+def no_centre(cfg: TrainConfig) -> np.ndarray:
+    """Zeros [F]: embeddings of h itself, as runs without a centre give."""
+    return np.zeros(feature_dim(dataclasses.replace(cfg.model, embed_grid=1)), np.float32)
+
+
+def embed_in_batches(forward, params, stats, images: np.ndarray, mesh, batch_size: int, *,
+                     centre: np.ndarray) -> np.ndarray:
     """float32 [N, F]: `forward` (sharded_forward's) over uint8 `images` [N, S, S, 3], `batch_size`
     rows at a time (rounded up to a multiple of the devices; the last batch padded to that shape,
-    so one compile serves any N). Every process passes all N rows and feeds its devices' share."""
+    so one compile serves any N). Every process passes all N rows and feeds its devices' share.
+    `centre` [F]: subtracted from h (`no_centre(cfg)`: zeros)."""
+    centre = jax.device_put(jnp.asarray(centre, jnp.float32), replicated(mesh))
     n_dev = mesh.devices.size
     b = -(-batch_size // n_dev) * n_dev
     sharding = batch_sharding(mesh)
@@ -91,7 +138,7 @@ def embed_in_batches(forward, params, stats, images: np.ndarray, mesh, batch_siz
         n = len(chunk)
         if n < b:
             chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(forward(params, stats, global_batch(chunk[rows], sharding, b)))[:n])
+        out.append(np.asarray(forward(params, stats, global_batch(chunk[rows], sharding, b), centre))[:n])
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
 
@@ -110,13 +157,17 @@ def load_encoder(run_dir: Path, *, batch_size: int = 128, embed_grid: int = 0, c
     graphdef, abstract = _abstract_model(cfg)
     notes: list[str] = []
     step, restored = checkpoint.restore_model(run_dir, abstract, warn=notes.append)
-    return Encoder(cfg, run_dir, step, graphdef, restored["params"], restored["stats"], batch_size, notes)
+    centre = restored["centre"]
+    if centre is not None and centre.shape != no_centre(cfg).shape:
+        raise CheckpointError(f"checkpoint {run_dir} step {step}: its centre has shape {centre.shape}, "
+                              f"not that of the model's {no_centre(cfg).shape[0]} features")
+    return Encoder(cfg, run_dir, step, graphdef, restored["params"], restored["stats"], batch_size, centre, notes)
 
 
 def random_encoder(cfg: TrainConfig, *, batch_size: int = 128) -> Encoder:
     """An untrained encoder (cfg.seed's initialisation): the baseline a trained one must beat."""
     graphdef, params, stats = nnx.split(build_model(cfg), nnx.Param, ...)
-    return Encoder(cfg, Path("(random init)"), 0, graphdef, params, stats, batch_size)
+    return Encoder(cfg, Path("(random init)"), 0, graphdef, params, stats, batch_size)  # no centre
 
 
 def _abstract_model(cfg: TrainConfig) -> tuple[nnx.GraphDef, dict]:
@@ -146,3 +197,4 @@ def embed_files(encoder: Encoder, paths: list[Path]) -> np.ndarray:
             raise InputError(f"cannot read {p}: {out}")
         images.append(out)
     return encoder.embed(np.stack(images))
+

@@ -23,6 +23,7 @@ from ..data.cache import load_cached
 from ..data.decode import ImageSet, load_folder
 from ..data.prefetch import Prefetcher
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
+from ..infer.encoder import feature_mean
 from ..mesh import agree, batch_sharding, check_batch, data_mesh, init_distributed, is_primary, replicated
 from ..nn.conv import resolve
 from ..plot import plot_metrics
@@ -262,6 +263,7 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
     check = FiniteCheck(start)
     step = start
     proposal = None  # a new step total from the time budget, not yet agreed on
+    centre = None  # the feature centre of this step's state, once computed (probe, save)
     ended = False
     try:
         loop_t0 = time.perf_counter()
@@ -289,16 +291,21 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
                         tree["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
                 is_eval = probe is not None and not stop and (
                     step == total or bool(cfg.eval_every and step % cfg.eval_every == 0))
-                record = None
+                record = centre = None
                 if step % cfg.log_every == 0 or step in (total, start + 1) or stop or is_eval:
                     check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
                     # The probe runs before the next step: that step donates (invalidates) this state.
-                    knn = probe(state.graphdef, mesh, tree["params"], tree["stats"]) if is_eval else None
+                    knn = None
+                    if is_eval:
+                        centre = feature_mean(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
+                        knn = probe(state.graphdef, mesh, tree["params"], tree["stats"], centre)
                     record = book.record(step, out, ts, knn=knn)
                 monitor.step(step, total, record)
                 if stop or due:
                     check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)  # never save a bad state
-                    checkpoint.save(mngr, step, tree)
+                    if centre is None:
+                        centre = feature_mean(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
+                    checkpoint.save(mngr, step, tree, centre)
                 if stop:
                     checkpoint.finish(mngr)
                     raise TrainingInterrupted(
@@ -307,7 +314,9 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
             loop_s = time.perf_counter() - loop_t0  # the steps alone: no set-up, final save or plot
             if step > start and mngr.latest_step() != step:
                 check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
-                checkpoint.save(mngr, step, tree)
+                if centre is None:
+                    centre = feature_mean(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
+                checkpoint.save(mngr, step, tree, centre)
             checkpoint.finish(mngr)
         ended = True
     finally:
