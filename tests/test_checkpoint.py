@@ -158,27 +158,6 @@ def test_every_step_has_a_digest_and_a_changed_byte_is_caught(trained, tmp_path)
     assert load_encoder(run).step == step
 
 
-def test_commands_say_when_they_use_an_older_checkpoint(tmp_path):
-    """embed, similarity and evaluate print the fall-back to an older step as a warning."""
-    images = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (images / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(images / c / f"{i}.png")
-    run = tmp_path / "run"
-    pretrain(images, TrainConfig.tiny(model=ModelConfig(image_size=16), batch_size=4, steps=2, checkpoint_every=1),
-             run, cache=False)
-    (run / "checkpoints" / "2" / "model" / "_METADATA").unlink()
-    a, b = str(images / "a" / "0.png"), str(images / "b" / "0.png")
-    for args in (["embed", str(images), "--model", str(run), "--output", str(tmp_path / "e.npy")],
-                 ["similarity", a, b, "--model", str(run)],
-                 ["evaluate", str(images), "--model", str(run)]):
-        out = runner.invoke(app, args)
-        assert out.exit_code == 0, out.output
-        assert "warning:" in out.stderr and "using step 1 instead" in out.stderr, (args[0], out.stderr)
-
-
 def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_step(tmp_path, tmpfs):
     """A real `contrastive pretrain` process whose checkpoint does not fit on a real tmpfs: exit 1,
     one line naming the folder and the OS's reason (no tracebacks from Orbax's threads, before or

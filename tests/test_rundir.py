@@ -315,6 +315,18 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_a_larger_steps_extends(tmp_p
     with pytest.raises(CheckpointError, match="cannot be read") as e:  # the step itself, asked for
         checkpoint.restore_model(out, abstract, step=2)
     assert "\n" not in str(e.value) and len(str(e.value)) < 600
+    a, b = str(images / "0.png"), str(images / "1.png")  # the commands say so, as a warning
+    labeled = tmp_path / "labeled"
+    for c, names in (("a", range(4)), ("b", range(4, 8))):
+        (labeled / c).mkdir(parents=True)
+        for i in names:
+            (labeled / c / f"{i}.png").write_bytes((images / f"{i}.png").read_bytes())
+    for args in (["embed", str(images), "--model", str(out), "--output", str(tmp_path / "e.npy")],
+                 ["similarity", a, b, "--model", str(out)],
+                 ["evaluate", str(labeled), "--model", str(out)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "warning:" in result.stderr and "using step 1 instead" in result.stderr, (args[0], result.stderr)
 
     monitor = Warnings()  # resume: from step 1, again to 2
     summary = pretrain(images, TrainConfig(), out, resume=True, cache=False, monitor=monitor)
