@@ -22,14 +22,21 @@ One JSON line per figure; pairs/s = pairs of views per second.
 A variant is `fast` or `native`, optionally `:XLA_FLAGS`; a `plain-` prefix leaves malloc untuned
 (perf/malloc.py tune_malloc) and without huge pages (malloc_tunables_environ), e.g. `plain-fast`; `fast` runs
 the "winograd" convolution, `native` XLA's ("xla"); a `nowino-` prefix runs "im2col" (fastconv without Winograd),
-e.g. `nowino-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
+e.g. `nowino-fast`; a `bf16-` prefix runs that variant with `--precision bf16` (bfloat16 compute, as on
+a processor with bf16 dot instructions), whatever --precision says, so fp32 and bf16 interleave in one run,
+e.g. `bf16-fast`; `nohuge-` runs without the glibc tunables (huge pages, never trimming the heap; malloc still tuned), e.g. `nohuge-fast`; the two views go through the encoder as the tool's
 default does (TrainConfig.views: `concat`, one pass over both) unless a suffix says `+separate`
 (one pass each) or `+concat`, e.g. `fast+separate`. The peer gets its script's defaults (views separate) plus
-each --peer-args. Without flags the
+each --peer-args; `--autocast` there (this script's, not the peer's) runs the peer's step under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, as a PyTorch user asks for bf16 on CPU. Every line carries
+the processor (model, family, and its SIMD flags: avx2, avx512*, amx*), since figures from different
+instruction sets do not compare. Without flags the
 tool's own XLA flags apply (perf/xla.py prefer_eigen_convolutions); `:default` runs XLA's defaults
 (YNNPACK convolutions):
 
     python benchmarks/step_speed.py --variants fast fast:default native:default
+    python benchmarks/step_speed.py --variants fast bf16-fast --peer-args=--channels_last \
+        --peer-args="--channels_last --autocast"          # fp32 and bf16, ours and the peer's, one run
 
 A `@DIR` suffix runs that variant's worker from another checkout (its own benchmarks/step_speed.py
 and package), steps interleaved with this one's: before/after a change, in one run.
@@ -62,12 +69,17 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from contrastive_cli.processor import isa, processor  # noqa: E402  (no JAX: safe in the peer's venv)
+
+PROCESSOR = {**processor(), "isa": isa()}
 PEER_PY = ROOT / ".peer" / "bin" / "python"
 PEER = ROOT.parent / "shared" / "peers" / "lightly_simclr_bench.py"
 
 
 def emit(**row):
     row["loadavg"] = round(os.getloadavg()[0], 2)
+    row["cpu"] = PROCESSOR
     print(json.dumps(row), flush=True)
 
 
@@ -165,13 +177,16 @@ class Worker(Process):
         kind, _, flags = spec.partition(":")
         plain = kind.startswith("plain-")
         kind = kind.removeprefix("plain-")
+        if kind.startswith("bf16-"):
+            precision, kind = "bf16", kind.removeprefix("bf16-")
+        self.precision = precision
         nowino = kind.startswith("nowino-")
         kind = kind.removeprefix("nowino-")
         nohuge = kind.startswith("nohuge-")
         kind = kind.removeprefix("nohuge-")
         kind, _, views = kind.partition("+")
         if kind not in ("fast", "native"):
-            raise SystemExit(f"variant {variant!r} must start with fast, native, plain-fast or plain-native")
+            raise SystemExit(f"variant {variant!r} must be fast or native after its prefixes (plain-, bf16-, nowino-, nohuge-)")
         if views not in ("", "separate", "concat"):
             raise SystemExit(f"variant {variant!r}: the suffix is +separate or +concat")
         conv = "xla" if kind == "native" else "im2col" if nowino else "winograd"
@@ -233,15 +248,25 @@ def peer_worker(argv: list[str]) -> None:
     head, found, _ = src.partition(PEER_CUT)
     if not found:
         raise SystemExit(f"{PEER} has no {PEER_CUT.strip()!r} to cut its set-up at")
-    sys.argv = [str(PEER), *argv]
+    autocast = "--autocast" in argv  # this script's flag: the peer's step under bf16 autocast
+    sys.argv = [str(PEER), *[x for x in argv if x != "--autocast"]]
     ns = {"__name__": "lightly_simclr_bench"}
     exec(compile(head, str(PEER), "exec"), ns)  # noqa: S102  (the peer's own file, as its CLI would run it)
     a, step = ns["a"], ns["step"]
+    if autocast:
+        import torch
+
+        plain_step = step
+
+        def step(x0, x1):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain_step(x0, x1)
     x0, x1 = ns["rnd"]()
     loss = float(step(x0, x1))  # first step: the script's warm-up (allocator, oneDNN primitives)
     for _ in range(max(a.warmup - 1, 0)):
         float(step(x0, x1))
     info = {k: ns["info"][k] for k in ("views", "channels_last", "threads")}
+    info["autocast_bf16"] = autocast
     print(json.dumps({"ready": True, "loss": loss, **info}), flush=True)
     for line in sys.stdin:
         if line.strip() == "quit":
@@ -289,7 +314,7 @@ def run(encoder: str, pairs: int, a, tmp: Path, peak: float) -> None:
     ref = np.load(workers[base].update_path)
     for v, w in workers.items():
         upd = np.load(w.update_path)
-        emit(what="step", encoder=encoder, pairs=pairs, precision=a.precision, variant=v,
+        emit(what="step", encoder=encoder, pairs=pairs, precision=w.precision, variant=v,
              pairs_s=round(ours[v], 2), gflop_s=round(ours[v] * flop / 1e9, 1),
              of_matmul_peak=round(ours[v] * flop / 1e9 / peak, 3),
              speedup_vs_first=round(ours[v] / ours[base], 3),
@@ -305,6 +330,7 @@ def run(encoder: str, pairs: int, a, tmp: Path, peak: float) -> None:
             emit(what="peer", encoder=encoder, pairs=pairs, args=e, pairs_s=round(theirs[e], 2),
                  gflop_s=round(theirs[e] * flop / 1e9, 1), of_matmul_peak=round(theirs[e] * flop / 1e9 / peak, 3),
                  views=w.info["views"], channels_last=w.info["channels_last"], threads=w.info["threads"],
+                autocast_bf16=w.info.get("autocast_bf16", False),
                  first_loss=w.info["loss"], best_ours_over_peer=round(best / theirs[e], 3),
                  **{f"{v}_over_peer": round(ours[v] / theirs[e], 3) for v in workers},
                  step_times=[round(t, 3) for t in times["peer", e]])

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from contrastive_cli import processor
 from contrastive_cli.cli import app
 
 runner = CliRunner()
@@ -59,6 +60,9 @@ def test_pretrain_writes_a_self_describing_run(trained):
     assert (run / "checkpoints" / "3").is_dir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["images"] == 24 and summary["skipped"] == 1
+    # what the run's speed depended on: this processor's instruction sets, the precision, XLA's flags
+    assert summary["backend"] == "cpu" and summary["precision"] == "float32" and summary["isa"] == processor.isa()
+    assert summary["simd"] == processor.processor()["simd"] and "xla_flags" in summary
     assert "broken.jpg" in (run / "skipped.txt").read_text()
     assert "broken.jpg" in result.stderr and "skipped 1" in result.stderr
 

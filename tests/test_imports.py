@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "contrastive_cli"
 # Lower layers first; a module may import its own layer or any layer before it, never one after.
 LAYERS = [
-    {"errors", "config", "files", "mesh", "checkpoint", "plot"},
+    {"errors", "config", "files", "mesh", "checkpoint", "plot", "processor"},
     {"nn"},
     {"data"},
     {"infer"},

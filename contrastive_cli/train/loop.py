@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 import zlib
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checkpoint
+from .. import checkpoint, processor
 from ..config import TrainConfig
 from ..data.cache import load_cached
 from ..data.decode import ImageSet, load_folder
@@ -114,9 +115,23 @@ def pretrain(
                        skipped=len(data.skipped), final_loss=result.loss if math.isfinite(result.loss) else None,
                        batch_size=cfg.batch_size, encoder=cfg.model.encoder, conv=cfg.model.conv, loss=cfg.loss,
                        compile_s=result.first_step_s, wall_s=time.perf_counter() - t0, load_s=load_s,
-                       loop_s=result.loop_s, devices=mesh.devices.size, processes=jax.process_count())
+                       loop_s=result.loop_s, devices=mesh.devices.size, processes=jax.process_count(),
+                       **_machine(cfg))
         _finish(run, summary, monitor)
     return summary
+
+
+def _machine(cfg: TrainConfig) -> dict:
+    """What the speed of this run depends on, for summary.json: the backend and its devices, the
+    precision, the XLA flags in force, and on CPU the processor and its SIMD instruction sets
+    (speed figures from different instruction sets do not compare)."""
+    backend = jax.default_backend()
+    out = dict(backend=backend, device_kind=jax.devices()[0].device_kind, precision=cfg.precision,
+               xla_flags=os.environ.get("XLA_FLAGS", ""))
+    if backend == "cpu":
+        info = processor.processor()
+        out.update(processor=info["model"], isa=processor.isa(info), simd=info["simd"])
+    return out
 
 
 def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: bool) -> tuple[RunDir, TrainConfig, int]:
