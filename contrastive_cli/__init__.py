@@ -6,12 +6,14 @@ loaded when first used:
     pretrain(folder, cfg, output)          train an encoder -> run directory   (train/loop.py)
     embed_folder(folder, run, out.npy)     embeddings + index                  (infer/embed.py)
     similarity(a, b, run)                  cosine of two images                (infer/embed.py)
+    similarity_pairs([(a, b), ...], run)   cosines of many pairs, one model load (infer/embed.py)
     load_encoder(run)                      the trained encoder, model only     (infer/encoder.py)
 """
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 _LAZY = {"pretrain": "train.loop", "embed_folder": "infer.embed", "similarity": "infer.embed",
+         "similarity_pairs": "infer.embed",
          "load_encoder": "infer.encoder", "TrainConfig": "config", "ModelConfig": "config",
          "AugmentConfig": "config", "ContrastiveError": "errors"}
 

@@ -439,13 +439,20 @@ def embed(
 
 @app.command(cls=_Command)
 def similarity(
-    a: Annotated[Path, typer.Argument(help="First image.")],
-    b: Annotated[Path, typer.Argument(help="Second image.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the bare number.")] = False,
+    a: Annotated[Path | None, typer.Argument(help="First image.", show_default=False)] = None,
+    b: Annotated[Path | None, typer.Argument(help="Second image.", show_default=False)] = None,
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")] = ...,
+    pairs: Annotated[str | None, typer.Option("--pairs", metavar="FILE", help="Score many pairs in one process: a file (or - for stdin) of lines 'A B' (a tab between the paths, or quote paths with spaces; # comments). One score per line, in order; a pair with an unreadable image prints nan, is named on stderr, and the command exits 1 after the rest.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object (one per pair) instead of the bare number.")] = False,
 ) -> None:
     """Print the cosine similarity (-1..1) of two images' embeddings on stdout."""
+    if pairs is None and (a is None or b is None):
+        raise typer.BadParameter("give two images, or --pairs FILE", param_hint="A B")
+    if pairs is not None and (a is not None or b is not None):
+        raise typer.BadParameter("give two images or --pairs FILE, not both", param_hint="--pairs")
     _enable_compilation_cache()
+    if pairs is not None:
+        return _similarity_pairs(pairs, model, as_json)
     from .infer.embed import similarity as run_similarity
 
     value = _run(run_similarity, a, b, model, on_warning=console.warn)
@@ -453,6 +460,28 @@ def similarity(
         typer.echo(json.dumps({"a": str(a), "b": str(b), "model": str(model), "similarity": value}))
     else:
         typer.echo(f"{value:.6f}")
+
+
+def _similarity_pairs(source: str, model: Path, as_json: bool) -> None:
+    from .infer.embed import read_pairs, similarity_pairs
+
+    if source == "-":
+        pairs = _run(read_pairs, sys.stdin, "stdin")
+    else:
+        try:
+            with open(source, encoding="utf-8", errors="surrogateescape") as f:
+                pairs = _run(read_pairs, f, source)
+        except OSError as e:
+            console.error(f"cannot read the pairs file: {_os_error(e)}")
+            raise typer.Exit(1) from None
+    scores = _run(similarity_pairs, pairs, model, on_warning=console.warn)
+    for (pa, pb), value in zip(pairs, scores):
+        if as_json:
+            typer.echo(json.dumps({"a": pa, "b": pb, "model": str(model), "similarity": value}))
+        else:
+            typer.echo("nan" if value is None else f"{value:.6f}")
+    if any(v is None for v in scores):
+        raise typer.Exit(1)
 
 
 def _format(as_json: bool, as_csv: bool) -> str:

@@ -29,7 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """SimCLR's augmentation recipe (Chen et al. 2020, appendix A), lightly's defaults.
+    """SimCLR's augmentation recipe (Chen et al. 2020, appendix A), lightly's defaults, except two
+    chosen for the small images a CPU trains on (issue 19's harness, BENCHMARKS.md "Session 10"):
+    crops of at least 20% of the area (SimCLR 8%) and no blur (SimCLR 0.5; its CIFAR runs drop it too).
 
     Each view is: random resized crop (area `crop_scale`, aspect `crop_ratio`) -> horizontal flip
     (`flip_p`) -> colour jitter with probability `jitter_p` (brightness, contrast, saturation in
@@ -37,7 +39,7 @@ class AugmentConfig:
     (`blur_p`, sigma in `blur_sigma` pixels at the output size) -> normalise by mean/std.
     """
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     jitter_p: float = 0.8
@@ -46,7 +48,7 @@ class AugmentConfig:
     saturation: float = 0.8
     hue: float = 0.2
     gray_p: float = 0.2
-    blur_p: float = 0.5
+    blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -82,7 +84,7 @@ class ModelConfig:
     proj_dim: int = 128
     # Embeddings pool the last feature map on an embed_grid x embed_grid grid (1: global average).
     # Training never sees it: the projection head always takes the global average.
-    embed_grid: int = 1
+    embed_grid: int = 2
     # Which convolution runs (CONVS): the same maths to float rounding, different speed.
     conv: str = "xla"
 
@@ -108,18 +110,24 @@ class ModelConfig:
         return side
 
 
+# The defaults 0.2.2 changed (issue 19's harness: BENCHMARKS.md, "Session 10"), as earlier versions had
+# them: a config.json without one of these keys was trained (and is embedded) with these values.
+_BEFORE_0_2_2 = {"model": {"embed_grid": 1}, "augment": {"crop_scale": (0.08, 1.0), "blur_p": 0.5},
+                 "train": {"batch_size": 256, "temperature": 0.5}}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything `pretrain` needs besides the folder; written to RUN/config.json."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    batch_size: int = 256
+    batch_size: int = 64
     steps: int = 0  # 0: derived from epochs
     epochs: int = 0  # 0 with steps 0: DEFAULT_EPOCHS
     time_budget: float = 0.0  # minutes of wall-clock time; sets the step count from measured speed
     loss: str = "ntxent"
-    temperature: float = 0.5
+    temperature: float = 0.2
     optimizer: str = "adamw"
     lr: float = 0.0  # 0: the optimizer's default scaled with the batch size (see train/optim.py learning_rate)
     weight_decay: float = 1e-4
@@ -195,10 +203,12 @@ class TrainConfig:
         """A config from its JSON form; keys this version does not know (a newer tool's) are left out
         at every level, and missing ones (an older tool's) take their defaults."""
         data = dict(data)
-        model = ModelConfig(**_known(ModelConfig, data.pop("model", {})))
+        # A key missing from an older config keeps the default that version trained and embedded with.
+        model = ModelConfig(**{**_BEFORE_0_2_2["model"], **_known(ModelConfig, data.pop("model", {}))})
         augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in _known(AugmentConfig, data.pop("augment", {})).items()})
-        return cls(model=model, augment=augment, **_known(cls, data))
+                                   for k, v in {**_BEFORE_0_2_2["augment"],
+                                                **_known(AugmentConfig, data.pop("augment", {}))}.items()})
+        return cls(model=model, augment=augment, **{**_BEFORE_0_2_2["train"], **_known(cls, data)})
 
     def save(self, path: Path) -> None:
         """Write config.json atomically (a reader sees the old file or the new one)."""

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # real training runs
 
 runner = CliRunner()
 tmpfs = pytest.fixture(mounted_tmpfs)
-CFG = TrainConfig.tiny(model=ModelConfig(image_size=16), steps=2)
+CFG = TrainConfig.tiny(model=ModelConfig(image_size=16, embed_grid=1), steps=2)  # grid 1: h is what is centred
 
 
 @pytest.fixture(scope="module")

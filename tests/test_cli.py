@@ -75,9 +75,9 @@ def test_embed_then_similarity(trained, tmp_path):
     assert result.exit_code == 0, result.output
     emb = np.load(out)
     index = json.loads(out.with_suffix(".json").read_text())
-    assert emb.shape == (24, 256) and emb.dtype == np.float32
+    assert emb.shape == (24, 1024) and emb.dtype == np.float32  # 256 features on the default 2 x 2 grid
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    assert index["dim"] == 256 and index["normalized"] is True and len(index["paths"]) == 24
+    assert index["dim"] == 1024 and index["normalized"] is True and len(index["paths"]) == 24
     assert index["paths"] == sorted(index["paths"]) and index["paths"][0] == "a/img001.png"
     assert [s["path"] for s in index["skipped"]] == ["broken.jpg"]
     # Row order matches the index: embedding one file alone gives its row.
@@ -95,6 +95,41 @@ def test_embed_then_similarity(trained, tmp_path):
     forced = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out), "--force",
                                  "--dtype", "float16"])
     assert forced.exit_code == 0 and np.load(out).dtype == np.float16
+
+
+@pytest.mark.slow
+def test_similarity_pairs_scores_many_pairs_in_one_process(trained, tmp_path):
+    """--pairs FILE or - (stdin): one score per pair, in order, the same as `similarity a b`; a tab
+    or quotes for paths with spaces; an unreadable image is nan for its pairs, named once, exit 1."""
+    _, images, run, _ = trained
+    a, b, c = images / "a" / "img001.png", images / "b" / "img002.png", images / "b" / "img004.png"
+    spaced = tmp_path / "with space.png"
+    spaced.write_bytes(a.read_bytes())
+    one = runner.invoke(app, ["similarity", str(a), str(b), "-m", str(run)])
+    assert one.exit_code == 0, one.output
+    lines = [f"# a comment, then a blank line", "", f"{a} {b}", f"{spaced}\t{a}", f"'{b}' \"{c}\""]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    got = runner.invoke(app, ["similarity", "--pairs", str(tmp_path / "pairs.txt"), "-m", str(run)])
+    assert got.exit_code == 0, got.output
+    scores = [float(v) for v in got.stdout.split()]
+    assert len(scores) == 3 and scores[0] == pytest.approx(float(one.stdout), abs=1e-5)
+    assert scores[1] == pytest.approx(1.0, abs=1e-5)  # the same bytes under another name
+    piped = runner.invoke(app, ["similarity", "--pairs", "-", "-m", str(run), "--json"], input=f"{a} {b}\n")
+    assert piped.exit_code == 0 and json.loads(piped.stdout)["similarity"] == pytest.approx(scores[0], abs=1e-6)
+    # an unreadable image: nan for each of its pairs, one line on stderr, the other pairs scored, exit 1
+    (tmp_path / "bad.txt").write_text(f"{a} {tmp_path / 'gone.png'}\n{a} {b}\n{tmp_path / 'gone.png'} {c}\n")
+    bad = runner.invoke(app, ["similarity", "--pairs", str(tmp_path / "bad.txt"), "-m", str(run)])
+    assert bad.exit_code == 1 and bad.stdout.split()[::2] == ["nan", "nan"]
+    assert float(bad.stdout.split()[1]) == pytest.approx(scores[0], abs=1e-5)
+    assert bad.stderr.count("gone.png") == 1 and "Traceback" not in bad.output
+    # a line that is not two paths: one line naming it, nothing scored
+    (tmp_path / "three.txt").write_text(f"{a} {b}\n{a} {b} {c}\n")
+    three = runner.invoke(app, ["similarity", "--pairs", str(tmp_path / "three.txt"), "-m", str(run)])
+    assert three.exit_code == 1 and "line 2" in three.stderr and three.stdout == ""
+    both = runner.invoke(app, ["similarity", str(a), str(b), "--pairs", "-", "-m", str(run)])
+    assert both.exit_code == 2 and "not both" in both.stderr
+    neither = runner.invoke(app, ["similarity", "-m", str(run)])
+    assert neither.exit_code == 2 and "--pairs" in neither.stderr
 
 
 @pytest.mark.slow

@@ -94,9 +94,12 @@ def test_from_json_ignores_unknown_keys_and_fills_defaults_of_an_old_config():
     data["removed_option"] = 1
     cfg = TrainConfig.from_json(data)
     assert cfg.model.conv == ModelConfig().conv == "xla"
-    assert cfg.eval_every == 0 and cfg.augment.blur_p == AugmentConfig().blur_p
+    # a key whose default 0.2.2 changed takes the old default: the run was trained with it
+    assert cfg.eval_every == 0 and cfg.augment.blur_p == 0.5 != AugmentConfig().blur_p
     assert cfg.model.encoder == "resnet18" and cfg.seed == 11 and cfg.optimizer == "lars"
-    assert TrainConfig.from_json({}) == TrainConfig()
+    old = TrainConfig.from_json({})
+    assert (old.batch_size, old.temperature, old.model.embed_grid, old.augment.crop_scale) == (256, 0.5, 1, (0.08, 1.0))
+    assert TrainConfig.from_json(TrainConfig().to_json()) == TrainConfig()
 
 
 def test_from_json_validates_what_it_reads():

@@ -24,8 +24,8 @@ def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
     folder = write_good_folder(root / "images", n=8)
     result = runner.invoke(app, ["pretrain", str(folder), "-o", str(root / "run"), "--steps", "1",
-                                 "--batch-size", "4", "--image-size", "16", "--quiet"])
-    assert result.exit_code == 0, result.output
+                                 "--batch-size", "4", "--image-size", "16", "--embed-grid", "1", "--quiet"])
+    assert result.exit_code == 0, result.output  # grid 1: 256 features, the page counts below
     return folder, root / "run"
 
 

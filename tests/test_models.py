@@ -1,5 +1,7 @@
 """nn/models.py and nn/conv.py: output shapes, grid pooling, seeded init, and every named
 convolution against lax.conv_general_dilated (value and gradients)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,8 @@ def test_model_outputs_h_and_z(encoder, features, train):
     h, z = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=train), state, _x())
     assert (h.shape, h.dtype) == ((B, features), jnp.float32)
     assert (z.shape, z.dtype) == ((B, 64), jnp.float32)
-    assert model.encoder.features == features and feature_dim(cfg) == features
+    assert model.encoder.features == features and feature_dim(cfg) == 4 * features  # the default 2 x 2 grid
+    assert feature_dim(dataclasses.replace(cfg, embed_grid=1)) == features
     # The head's hidden layer: the encoder's width by default, proj_hidden when given.
     assert model.head.fc1.kernel.shape == (features, features)
     wider = _abstract(ModelConfig(encoder=encoder, proj_hidden=32, proj_dim=8))

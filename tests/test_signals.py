@@ -28,7 +28,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(folder of 480 large PNGs, run directory, output folder holding an old pair)."""
+    """(folder of 1440 large PNGs, run directory, output folder holding an old pair)."""
     root = tmp_path_factory.mktemp("signals")
     small = write_good_folder(root / "small", n=8)
     run = root / "run"
@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
     big.mkdir()
     noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     Image.fromarray(noise).save(big / "img000.png")
-    for i in range(1, 480):  # copies: decoding each costs the same; 480 outlast 3 s on fast machines too
+    for i in range(1, 1440):  # copies: decoding each costs the same; 1440 outlast 3 s on fast machines too
         shutil.copyfile(big / "img000.png", big / f"img{i:03d}.png")
     out = root / "out"
     out.mkdir()

@@ -76,8 +76,8 @@ def test_key_follows_what_shapes_the_step(monkeypatch):
     # fields the step never reads: the same program
     assert key(dataclasses.replace(CFG, steps=99, log_every=7, eval_every=3, eval_folder="labeled", keep_checkpoints=5)) == base
     # what it does read, the batch, the devices, the environment read while tracing: another
-    assert key(dataclasses.replace(CFG, temperature=0.2)) != base
-    assert key(dataclasses.replace(CFG, augment=dataclasses.replace(CFG.augment, blur_p=0.0))) != base
+    assert key(dataclasses.replace(CFG, temperature=0.3)) != base
+    assert key(dataclasses.replace(CFG, augment=dataclasses.replace(CFG.augment, blur_p=0.3))) != base
     assert key(batch=jax.ShapeDtypeStruct((16, *images.shape[1:]), images.dtype)) != base
     assert key(mesh=data_mesh(jax.devices()[:1])) != base
     assert key(dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, conv="winograd"))) != base
@@ -98,7 +98,7 @@ def test_fields_left_out_of_the_key_do_not_change_the_program():
         return step.lower(state, images).as_text()
 
     assert program(dataclasses.replace(CFG, **other)) == program(CFG)
-    assert program(dataclasses.replace(CFG, temperature=0.2)) != program(CFG)  # the check can fail
+    assert program(dataclasses.replace(CFG, temperature=0.3)) != program(CFG)  # the check can fail
 
 
 def test_a_bad_file_is_traced_again_and_replaced(tmp_path, traces):

@@ -68,6 +68,11 @@ def labels_of(paths: list[str], classes: list[str]) -> np.ndarray:
     return np.asarray([lookup[p.split("/", 1)[0]] for p in paths])
 
 
+def classes_of(set_folder: Path) -> list[str]:
+    """The class names of a set, as sets.py wrote them into its manifest.json."""
+    return sorted(json.loads((set_folder / "manifest.json").read_text())["classes"])
+
+
 def image_paths(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
 

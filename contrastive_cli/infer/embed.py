@@ -1,4 +1,4 @@
-"""Folder -> embeddings.npy + index (row i <-> path i); similarity of two images (encoder.py).
+"""Folder -> embeddings.npy + index (row i <-> path i); similarity of two images or of many pairs.
 
 Replacing a pair (`embed --force`) never leaves a pair that silently disagrees. Both files are
 written to temporary names beside the targets and flushed to disk; the index records the size and
@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import shlex
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from ..config import EMBEDDING_DTYPES
-from ..data.decode import decode_files, decode_pool
+from ..data.decode import decode_files, decode_or_reason, decode_pool, quiet_pillow
 from ..data.scan import no_usable_image, scan_images
 from ..errors import InputError
 from ..files import replace_all, sha256_file, write_temp
@@ -151,3 +152,56 @@ def similarity(a: Path, b: Path, run_dir: Path, *, on_warning: Callable[[str], N
     _tell(encoder, on_warning)
     za, zb = embed_files(encoder, [a, b])
     return float(np.clip(za @ zb, -1.0, 1.0))
+
+
+def read_pairs(lines: Iterable[str], name: str) -> list[tuple[str, str]]:
+    """Image pairs from "A B" lines (`similarity --pairs`): a tab between the two paths, else shell
+    words (quote a path that holds spaces). Blank lines and lines starting with # are skipped.
+    Raises InputError naming the first line of `name` that does not hold exactly two paths."""
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        text = line.rstrip("\r\n")
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        if "\t" in text:
+            fields = [f for f in text.split("\t") if f]
+        else:
+            try:
+                fields = shlex.split(text)
+            except ValueError as e:  # an unclosed quote
+                raise InputError(f"{name} line {n}: {e}") from None
+        if len(fields) != 2:
+            raise InputError(f"{name} line {n}: expected two image paths, found {len(fields)}: {text[:80]!r}")
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise InputError(f"{name} holds no pairs (lines of two image paths)")
+    return pairs
+
+
+def similarity_pairs(pairs: list[tuple[str, str]], run_dir: Path, *, on_warning: Callable[[str], None] | None = None,
+                     batch_size: int = 128) -> list[float | None]:
+    """Cosine similarity of each (a, b) pair, in one process: every distinct image decoded once
+    (in threads) and embedded in batches. A pair with an image that cannot be read scores None;
+    `on_warning` gets one line per such image (and the encoder's notes)."""
+    encoder = load_encoder(run_dir, batch_size=batch_size)
+    _tell(encoder, on_warning)
+    files = list(dict.fromkeys(p for pair in pairs for p in pair))  # distinct, in first-seen order
+    row: dict[str, int] = {}
+    features = []
+    with decode_pool() as pool, quiet_pillow():
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start:start + CHUNK]
+            decoded = pool.map(lambda f: decode_or_reason(Path(f), encoder.image_size)
+                               if Path(f).is_file() else "not found", chunk)
+            images = []
+            for f, out in zip(chunk, decoded):
+                if isinstance(out, str):
+                    if on_warning is not None:
+                        on_warning(f"cannot read {f}: {out}")
+                    continue
+                row[f] = len(row)
+                images.append(out)
+            if images:
+                features.append(encoder.embed(np.stack(images)))
+    z = np.concatenate(features) if features else np.empty((0, 0), np.float32)
+    return [float(np.clip(z[row[a]] @ z[row[b]], -1.0, 1.0)) if a in row and b in row else None for a, b in pairs]
