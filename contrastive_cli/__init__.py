@@ -8,13 +8,17 @@ loaded when first used:
     similarity(a, b, run)                  cosine of two images                (infer/embed.py)
     similarity_pairs([(a, b), ...], run)   cosines of many pairs, one model load (infer/embed.py)
     load_encoder(run)                      the trained encoder, model only     (infer/encoder.py)
+    load_model(run_or_file)                a run, or an .onnx/.stablehlo/.safetensors encoder (infer/portable.py)
+    embed_files(encoder, [paths])          embeddings of image files           (infer/portable.py)
+    export(run, "onnx", "encoder.onnx")    write the encoder for use elsewhere (infer/export.py)
 """
 
-__version__ = "0.2.2"
+__version__ = "0.3.0"
 
 _LAZY = {"pretrain": "train.loop", "embed_folder": "infer.embed", "similarity": "infer.embed",
          "similarity_pairs": "infer.embed",
-         "load_encoder": "infer.encoder", "TrainConfig": "config", "ModelConfig": "config",
+         "load_encoder": "infer.encoder", "load_model": "infer.portable", "embed_files": "infer.portable",
+         "export": "infer.export", "TrainConfig": "config", "ModelConfig": "config",
          "AugmentConfig": "config", "ContrastiveError": "errors"}
 
 __all__ = ["__version__", *_LAZY]

@@ -226,8 +226,10 @@ def _signals_held():
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
-def _enable_compilation_cache() -> None:
-    """Compiled programs are reused across runs: a second `pretrain` starts in seconds, not tens."""
+def _enable_compilation_cache(min_compile_secs: float = 0.5) -> None:
+    """Compiled programs are reused across runs: a second `pretrain` starts in seconds, not tens.
+    Programs that compiled faster than `min_compile_secs` are not kept (0 for the quick commands,
+    `similarity` and `neighbors --query`, whose whole run is about one compile)."""
     import jax
 
     from .files import cache_dir
@@ -240,7 +242,7 @@ def _enable_compilation_cache() -> None:
     except OSError:
         return  # read-only home: compile every time rather than fail
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
 
 
 def _step_cache():
@@ -410,7 +412,7 @@ def pretrain(
 @app.command(cls=_Command)
 def embed(
     folder: Annotated[Path, typer.Argument(help="Folder of images to embed (recursive).")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`, or an exported encoder: .stablehlo, .safetensors, or .onnx (ours or any ONNX image encoder; needs contrastive[onnx]).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Embeddings file (.npy); the index goes beside it as .json.")] = Path("embeddings.npy"),
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(1, None), help="Images per forward pass.")] = 128,
     dtype: Annotated[DType, typer.Option(help="Stored dtype; float16 halves the file.")] = DType(EMBEDDING_DTYPES[0]),
@@ -441,7 +443,7 @@ def embed(
 def similarity(
     a: Annotated[Path | None, typer.Argument(help="First image.", show_default=False)] = None,
     b: Annotated[Path | None, typer.Argument(help="Second image.", show_default=False)] = None,
-    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`.")] = ...,
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by `contrastive pretrain`, or an exported encoder file (.onnx, .stablehlo, .safetensors).")] = ...,
     pairs: Annotated[str | None, typer.Option("--pairs", metavar="FILE", help="Score many pairs in one process: a file (or - for stdin) of lines 'A B' (a tab between the paths, or quote paths with spaces; # comments). One score per line, in order; a pair with an unreadable image prints nan, is named on stderr, and the command exits 1 after the rest.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object (one per pair) instead of the bare number.")] = False,
 ) -> None:
@@ -450,7 +452,7 @@ def similarity(
         raise typer.BadParameter("give two images, or --pairs FILE", param_hint="A B")
     if pairs is not None and (a is not None or b is not None):
         raise typer.BadParameter("give two images or --pairs FILE, not both", param_hint="--pairs")
-    _enable_compilation_cache()
+    _enable_compilation_cache(0.0)
     if pairs is not None:
         return _similarity_pairs(pairs, model, as_json)
     from .infer.embed import similarity as run_similarity
@@ -504,7 +506,7 @@ def neighbors(
     query: Annotated[Path | None, typer.Option("--query", help="Image file to embed and search for.")] = None,
     row: Annotated[int | None, typer.Option("--row", callback=_range(0, None), help="Search for row I of the embeddings (itself left out).")] = None,
     path: Annotated[str | None, typer.Option("--path", help="Search for an indexed image: its path as in the index, or a path to the file (itself left out).")] = None,
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Run directory that embeds --query. Default: the model named in the index.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Run directory (or exported .onnx/.stablehlo/.safetensors encoder) that embeds --query. Default: the model named in the index.")] = None,
     k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Number of neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: rank,row,path,cosine.")] = False,
@@ -515,6 +517,8 @@ def neighbors(
         raise typer.BadParameter("give exactly one of --query IMAGE, --row I, --path P", param_hint="--query")
     if model is not None and query is None:
         raise typer.BadParameter("--model is only used with --query", param_hint="--model")
+    if query is not None:
+        _enable_compilation_cache(0.0)
     from .infer.search import neighbors as run_neighbors
 
     result = _run(run_neighbors, embeddings, k, row=row, path=path, image=query, model=model)
@@ -613,6 +617,30 @@ def evaluate(
     typer.echo(f"{'raw pixels':12}{result['raw_knn']:>12.4f}{result['raw_linear']:>10.4f}")
     console.info(f"{result['classes']} classes, {result['n_train']} train / {result['n_test']} test images, "
                  f"model {result['model']} at step {result['step']}")
+
+
+ExportFormat = Enum("ExportFormat", {n: n for n in ("onnx", "safetensors", "stablehlo")}, type=str)
+ExportInput = Enum("ExportInput", {n: n for n in ("uint8", "float32")}, type=str)
+
+
+@app.command(cls=_Command)
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `contrastive pretrain`.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx: an ONNX model (ONNX Runtime, TensorRT, ...; needs contrastive[onnx]); safetensors: the weights, named, with the architecture in the header; stablehlo: a serialized JAX function (jax.export) for any JAX program.")] = ExportFormat("onnx"),
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write. Default: ./encoder.onnx, ./encoder.safetensors or ./encoder.stablehlo.")] = None,
+    embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(0, None), help="Pool on a G x G grid (see pretrain --embed-grid). 0: the run's own.")] = 0,
+    input_dtype: Annotated[ExportInput, typer.Option("--input", help="ONNX input: uint8 (0..255) or float32 (0..1) images.")] = ExportInput("uint8"),
+    nchw: Annotated[bool, typer.Option("--nchw", help="ONNX input in NCHW layout (PyTorch's) instead of NHWC.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Write the run's encoder as ONNX, safetensors or StableHLO: images in, the embeddings `embed` writes out."""
+    _enable_compilation_cache()
+    from .infer.export import export as run_export
+
+    path = _run(run_export, run, fmt.value, output, force=force, embed_grid=embed_grid,
+                input_dtype=input_dtype.value, nchw=nchw, on_warning=console.warn)
+    console.info(f"exported {run} as {fmt.value} -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    typer.echo(str(path))
 
 
 @app.command(cls=_Command)

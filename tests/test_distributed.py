@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from contrastive_cli.config import ModelConfig, TrainConfig
-from contrastive_cli.infer.embed import load_encoder
+from contrastive_cli.infer.encoder import load_encoder
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.mesh import batch_sharding, data_mesh, init_distributed, local_rows
 from contrastive_cli.train.loop import pretrain

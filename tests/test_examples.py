@@ -52,8 +52,43 @@ def test_readme_main_job_runs(tmp_path):
     assert -1.0 <= value <= 1.0
 
 
-@pytest.mark.parametrize("command", ["pretrain", "embed", "similarity", "evaluate", "neighbors", "duplicates"])
+@pytest.mark.parametrize("command", ["pretrain", "embed", "similarity", "evaluate", "neighbors", "duplicates", "export"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "contrastive_cli.cli", command, "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "Usage" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """A scratch checkout with a tiny runs/example, as the quick start leaves one."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "examples").symlink_to(ROOT / "examples")
+    cli = Path(sys.executable).parent / "contrastive"
+    done = subprocess.run([str(cli), "pretrain", "examples/fashion-mnist", "--steps", "2", "--batch-size", "16",
+                           "--output", "runs/example", "--quiet"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def section(title):
+    return README.split(f"\n## {title}" if not title.startswith("#") else f"\n{title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_python_api_runs(example_run):
+    (code,) = re.findall(r"```python\n(.*?)\n```", section("Python API"), re.DOTALL)
+    done = subprocess.run([sys.executable, "-c", code], cwd=example_run, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (example_run / "runs" / "example" / "encoder.stablehlo").is_file()
+
+
+def test_readme_export_examples_run(example_run):
+    (block,) = re.findall(r"```bash\n(.*?)\n```", section("### `contrastive export"), re.DOTALL)
+    cli = Path(sys.executable).parent / "contrastive"
+    for line in block.splitlines():
+        args = shlex.split(line.split("  #", 1)[0])
+        args = [str(cli) if a == "contrastive" else sys.executable if a == "python" else a for a in args]
+        done = subprocess.run(args, cwd=example_run, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+        if "python" in line:
+            assert done.stdout.strip().endswith(", 1024)"), done.stdout  # [2, D] with D = 4 x 256 (grid 2)

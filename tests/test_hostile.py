@@ -239,7 +239,7 @@ def test_ctrl_c_during_embed_is_one_line_exit_130(run, hostile, tmp_path, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("contrastive_cli.infer.embed.load_encoder", interrupted)
+    monkeypatch.setattr("contrastive_cli.infer.embed.load_model", interrupted)
     result = runner.invoke(app, ["embed", str(hostile["root"]), "-m", str(run[1]), "-o", str(tmp_path / "e.npy")])
     assert result.exit_code == 130 and error_lines(result.stderr) == ["error: interrupted"]
     assert not (tmp_path / "e.npy").exists()

@@ -17,7 +17,7 @@ from contrastive_cli import checkpoint
 from contrastive_cli.cli import app
 from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.data.decode import load_folder
-from contrastive_cli.infer.embed import load_encoder
+from contrastive_cli.infer.encoder import load_encoder
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.train.loop import pretrain
 from contrastive_cli.train.optim import make_optimizer

@@ -12,7 +12,7 @@ from contrastive_cli.cli import app
 from contrastive_cli.config import ModelConfig, TrainConfig
 from contrastive_cli.console import TrainDisplay
 from contrastive_cli.data.decode import ImageSet
-from contrastive_cli.infer.embed import load_encoder
+from contrastive_cli.infer.encoder import load_encoder
 from contrastive_cli.infer.evaluate import knn_accuracy, labeled_features, stratified_split
 from contrastive_cli.plot import image_size
 from contrastive_cli.train.loop import Monitor, pretrain

@@ -24,7 +24,7 @@ from ..data.decode import decode_files, decode_or_reason, decode_pool, quiet_pil
 from ..data.scan import no_usable_image, scan_images
 from ..errors import InputError
 from ..files import replace_all, sha256_file, write_temp
-from .encoder import Encoder, embed_files, load_encoder
+from .portable import embed_files, load_model
 
 CHUNK = 1024  # images decoded at a time: memory stays bounded on folders of any size
 
@@ -47,10 +47,11 @@ def embed_folder(
     stop: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> dict:
-    """Embed every usable image under `folder` with the run's encoder; write `output` and its index.
+    """Embed every usable image under `folder` with the run's encoder (`run_dir`: a run directory, or
+an .onnx/.stablehlo/.safetensors file: infer/portable.py); write `output` and its index.
 
     Returns the index dict (also written to output with a .json suffix). Row i of the array is
-    index["paths"][i]. `conv`: the convolution to run (see load_encoder). Files that cannot be decoded are left out and listed in index["skipped"].
+    index["paths"][i]. `conv`: the convolution a run's encoder runs (see load_encoder). Files that cannot be decoded are left out and listed in index["skipped"].
     `stop()` is asked just before the files are replaced: True (a signal arrived) raises
     KeyboardInterrupt and leaves the old files as they were. A failed write raises files.WriteError.
     `on_warning` gets the encoder's notes (an unreadable newest checkpoint passed over).
@@ -71,7 +72,7 @@ def embed_folder(
         raise InputError(f"cannot write to the output folder {output.parent} (read-only or no permission)")
     skipped: list[tuple[str, str]] = []  # (relative path, reason): unreadable folders, then files
     files = scan_images(folder, skipped=skipped)
-    encoder = load_encoder(run_dir, batch_size=batch_size, conv=conv)
+    encoder = load_model(run_dir, batch_size=batch_size, conv=conv)
     _tell(encoder, on_warning)
     rows, paths = [], []
     for kept, bad, _, features in iter_embeddings(encoder, folder, files, on_progress=on_progress):
@@ -87,7 +88,7 @@ def embed_folder(
         "root": str(folder.resolve()),
         "model": str(Path(run_dir).resolve()),
         "step": encoder.step,
-        "encoder": encoder.cfg.model.encoder,
+        "encoder": encoder.name,
         "image_size": encoder.image_size,
         "dim": int(array.shape[1]),
         "dtype": dtype,
@@ -124,7 +125,7 @@ class _Writes:
         self.write = f.write
 
 
-def iter_embeddings(encoder: Encoder, folder: Path, files: list[Path], *, on_progress=None):
+def iter_embeddings(encoder, folder: Path, files: list[Path], *, on_progress=None):
     """Decode and embed `files` CHUNK at a time: yields (kept paths, skipped, uint8 images, features).
 
     Memory holds one chunk of images, whatever the folder size.
@@ -137,7 +138,7 @@ def iter_embeddings(encoder: Encoder, folder: Path, files: list[Path], *, on_pro
             yield kept, bad, images, (encoder.embed(images) if kept else None)
 
 
-def _tell(encoder: Encoder, on_warning: Callable[[str], None] | None) -> None:
+def _tell(encoder, on_warning: Callable[[str], None] | None) -> None:
     for note in encoder.notes if on_warning is not None else ():
         on_warning(note)
 
@@ -148,7 +149,7 @@ def similarity(a: Path, b: Path, run_dir: Path, *, on_warning: Callable[[str], N
     for p in (a, b):
         if not Path(p).is_file():
             raise InputError(f"image not found: {p}")
-    encoder = load_encoder(run_dir, batch_size=2)
+    encoder = load_model(run_dir, batch_size=2, quick=True)
     _tell(encoder, on_warning)
     za, zb = embed_files(encoder, [a, b])
     return float(np.clip(za @ zb, -1.0, 1.0))
@@ -183,7 +184,7 @@ def similarity_pairs(pairs: list[tuple[str, str]], run_dir: Path, *, on_warning:
     """Cosine similarity of each (a, b) pair, in one process: every distinct image decoded once
     (in threads) and embedded in batches. A pair with an image that cannot be read scores None;
     `on_warning` gets one line per such image (and the encoder's notes)."""
-    encoder = load_encoder(run_dir, batch_size=batch_size)
+    encoder = load_model(run_dir, batch_size=batch_size, quick=True)
     _tell(encoder, on_warning)
     files = list(dict.fromkeys(p for pair in pairs for p in pair))  # distinct, in first-seen order
     row: dict[str, int] = {}

@@ -24,8 +24,7 @@ from flax import nnx
 
 from .. import checkpoint
 from ..config import TrainConfig
-from ..data.decode import decode_or_reason, quiet_pillow
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from ..mesh import batch_sharding, data_mesh, global_batch, local_rows, replicated
 from ..nn import augment
 from ..nn.conv import resolve
@@ -60,6 +59,14 @@ class Encoder:
     @property
     def dim(self) -> int:
         return feature_dim(self.cfg.model)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.model.encoder
+
+    @property
+    def source(self) -> str:
+        return str(self.run_dir)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         centre = self.centre if self.centre is not None else no_centre(self.cfg)
@@ -183,19 +190,3 @@ def _abstract_model(cfg: TrainConfig) -> tuple[nnx.GraphDef, dict]:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     return holder["graphdef"], abstract
-
-
-def embed_files(encoder: Encoder, paths: list[Path]) -> np.ndarray:
-    """Embed individual image files; raises InputError naming the first that cannot be read."""
-    images = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise InputError(f"image not found: {p}")
-        with quiet_pillow():
-            out = decode_or_reason(p, encoder.image_size)
-        if isinstance(out, str):
-            raise InputError(f"cannot read {p}: {out}")
-        images.append(out)
-    return encoder.embed(np.stack(images))
-

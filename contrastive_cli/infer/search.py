@@ -278,17 +278,17 @@ def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: st
     warnings, used_model = [], None
     valid = finite_rows(x)
     if image is not None:
-        from .encoder import embed_files, load_encoder  # Flax: only for image queries
+        from .portable import embed_files, load_model  # JAX: only for image queries
 
         if not Path(image).is_file():
             raise InputError(f"image not found: {image}")
-        used_model = model or index.get("model")
+        used_model = str(model) if model else index.get("model")
         if not used_model:
             raise InputError(f"the index of {embeddings_path} names no model; pass --model RUN_DIR")
         if model and index.get("model") and Path(model).resolve() != Path(index["model"]).resolve():
             warnings.append(f"{embeddings_path} was made by {index['model']}, not {model}: "
                             f"cosines across models are meaningless")
-        encoder = load_encoder(Path(used_model), batch_size=1)
+        encoder = load_model(Path(used_model), batch_size=1, quick=True)
         warnings += encoder.notes
         if encoder.dim != d:
             raise InputError(f"model {used_model} gives {encoder.dim}-d features but {embeddings_path} "
