@@ -366,6 +366,7 @@ def pretrain(
     coordinator: Annotated[str | None, typer.Option(help="Multi-process (multi-host) training: HOST:PORT where process 0 listens. Every process runs the same command with the same FOLDER and --output (shared storage) and its own --process-id. Without these options, a SLURM or mpirun launch is detected.")] = None,
     num_processes: Annotated[int | None, typer.Option(callback=_range(1, None), help="Multi-process training: how many processes (with --coordinator).")] = None,
     process_id: Annotated[int | None, typer.Option(callback=_range(0, None), help="Multi-process training: this process's id, 0 to N-1; process 0 writes metrics and shows progress.")] = None,
+    join_timeout: Annotated[float, typer.Option("--join-timeout", callback=_range(1.0, None), help="Multi-process training: seconds to wait for every process to join before giving up with one line.")] = 300.0,
     conv: Annotated[Conv, typer.Option(help="Convolution kernels: auto (the CPU speed wing's on CPU, XLA's elsewhere), xla, im2col or winograd. The same maths; config.json records which ran.")] = Conv("auto"),
     crop_min_scale: Annotated[float, typer.Option("--crop-min-scale", callback=_range(0.01, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Smallest crop, as a fraction of the image area.")] = AugmentConfig.crop_scale[0],
     flip_p: Annotated[float, typer.Option("--flip-p", callback=_range(0.0, 1.0), rich_help_panel="Augmentation (SimCLR defaults)", help="Probability of a horizontal flip.")] = AugmentConfig.flip_p,
@@ -403,7 +404,7 @@ def pretrain(
     try:
         summary = _run(run_pretrain, folder, cfg, output, resume=resume, force=force, monitor=display, cache=cache,
                        coordinator=coordinator, num_processes=num_processes, process_id=process_id,
-                       step_cache=_step_cache())
+                       join_timeout=join_timeout, step_cache=_step_cache())
     finally:
         display.close()
     typer.echo(summary["output"])  # stdout: the run directory, for scripts

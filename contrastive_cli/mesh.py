@@ -17,13 +17,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .errors import ConfigError
 
 
+JOIN_TIMEOUT = 300.0  # seconds a process waits for the others to join (jax.distributed's own default)
+
+
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
+                     process_id: int | None = None, *, join_timeout: float = JOIN_TIMEOUT) -> bool:
     """Join a multi-process run (`jax.distributed.initialize`); True when this process joined one.
 
     Give all three of `coordinator` ("HOST:PORT" of process 0), `num_processes` and `process_id`,
     or none: then an `srun` step or `mpirun` launch of several processes is joined (JAX reads their
     environment), else the run is single-process. Must run before anything touches a JAX device.
+    While it waits for the others, `_watched_join` says so on stderr and ends the process with one
+    line after `join_timeout` seconds or at SIGINT/SIGTERM (XLA would abort with a C++ stack trace).
     On CPU the cross-process collectives are gloo (jax 0.10's default
     `jax_cpu_collectives_implementation`; nothing to set).
     """
@@ -46,7 +51,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     else:
         return False
     try:
-        jax.distributed.initialize(**kwargs)
+        _watched_join(kwargs, coordinator or "the launcher's address", join_timeout)
     except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
         if "must be called before" in str(e):
             raise ConfigError("cannot join a multi-process run: this process already used a JAX device") from None
@@ -54,6 +59,57 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     if jax.process_count() > 1:
         _native_stdout_to_stderr()
     return jax.process_count() > 1
+
+
+def _watched_join(kwargs: dict, address: str, timeout: float) -> None:
+    """jax.distributed.initialize(**kwargs), watched by a thread: after 3 s it says on stderr what
+    the process waits for; after `timeout` s, or at SIGINT/SIGTERM, it writes one line and ends the
+    process (os._exit: 1, or 128 + the signal). Nothing else can: XLA's connect blocks the main
+    thread in C++ (Python's signal handlers never run) and, at its own timeout, aborts the process
+    with a stack trace (exit 134). The signals are blocked in the main thread meanwhile, so they
+    stay pending for the watcher's sigtimedwait; XLA's threads, started from the main thread
+    during the join, keep them blocked."""
+    import signal
+    import threading
+    import time
+
+    stop = (signal.SIGINT, signal.SIGTERM)
+    masked = threading.current_thread() is threading.main_thread() and hasattr(signal, "sigtimedwait")
+    joined = threading.Event()
+    who = f"process {kwargs['process_id']} of {kwargs['num_processes']}" if "process_id" in kwargs else "this process"
+
+    def leave(line: str, code: int) -> None:
+        os.write(2, f"{line}\n".encode())
+        os._exit(code)
+
+    def watch() -> None:
+        start, told = time.monotonic(), False
+        while not joined.is_set():
+            got = signal.sigtimedwait(stop, 0.2) if masked else None
+            if not masked:
+                joined.wait(0.2)
+            if got is not None and not joined.is_set():
+                leave("error: interrupted" if got.si_signo == signal.SIGINT else
+                      f"error: interrupted by {signal.Signals(got.si_signo).name}", 128 + got.si_signo)
+            waited = time.monotonic() - start
+            if not told and waited > 3 and not joined.is_set():
+                os.write(2, f"waiting for the other processes at {address} ({who}; giving up after "
+                            f"{timeout:g} s)\n".encode())
+                told = True
+            if waited > timeout and not joined.is_set():
+                leave(f"error: gave up after {timeout:g} s waiting for the other processes at {address} ({who}): "
+                      "is every process started, with the same --coordinator and --num-processes?", 1)
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop) if masked else None
+    watcher = threading.Thread(target=watch, name="contrastive-join", daemon=True)
+    watcher.start()
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout) + 60)
+    finally:
+        joined.set()
+        watcher.join()
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _native_stdout_to_stderr() -> None:
@@ -140,3 +196,20 @@ def agree(values: list[int]) -> np.ndarray:
 
     return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
 
+
+
+def disagreements(values: dict[str, object]) -> dict[str, list[int]]:
+    """{name: the processes whose value differs from process 0's} for each name in `values` (JSON-able
+    settings, the same names on every process) that not all processes hold alike; {} when they agree.
+    A collective: every process must call it with the same names. Values are compared by a CRC-32 of
+    their JSON (all-gathered as int32)."""
+    import json
+    import zlib
+
+    names = sorted(values)
+    crcs = [zlib.crc32(json.dumps(values[k], sort_keys=True, default=str).encode()) & 0x7FFFFFFF for k in names]
+    seen = agree([len(names), *crcs])
+    if (seen[:, 0] != len(names)).any():  # a different version of the tool: the names themselves differ
+        return {"(the settings themselves: another version of contrastive?)": np.flatnonzero(seen[:, 0] != len(names)).tolist()}
+    return {k: np.flatnonzero(seen[:, i + 1] != seen[0, i + 1]).tolist()
+            for i, k in enumerate(names) if (seen[:, i + 1] != seen[0, i + 1]).any()}

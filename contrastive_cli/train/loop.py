@@ -23,9 +23,20 @@ from ..config import TrainConfig
 from ..data.cache import load_cached
 from ..data.decode import ImageSet, load_folder
 from ..data.prefetch import Prefetcher
+from ..data.scan import LOCK_NAME
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..infer.encoder import feature_mean
-from ..mesh import agree, batch_sharding, check_batch, data_mesh, init_distributed, is_primary, replicated
+from ..mesh import (
+    JOIN_TIMEOUT,
+    agree,
+    batch_sharding,
+    check_batch,
+    data_mesh,
+    disagreements,
+    init_distributed,
+    is_primary,
+    replicated,
+)
 from ..nn.conv import resolve
 from ..plot import plot_metrics
 from .guards import Budget, FiniteCheck, SignalFlag
@@ -61,6 +72,7 @@ def pretrain(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    join_timeout: float = JOIN_TIMEOUT,
     step_cache: Path | None = None,
 ) -> dict:
     """Train on the images under `folder`; write checkpoints, metrics and config to `output`.
@@ -84,12 +96,16 @@ def pretrain(
     TrainingDiverged (nothing non-finite saved) when the loss or the state stops being finite.
     """
     t0 = time.perf_counter()
-    multi = init_distributed(coordinator, num_processes, process_id)
+    multi = init_distributed(coordinator, num_processes, process_id, join_timeout=join_timeout)
     monitor = (monitor or Monitor()) if is_primary() else Monitor()
+    if multi:
+        _same_settings(folder, cfg, output, resume=resume, force=force, cache=cache)
     run, cfg, steps = _open_run(output, cfg, resume=resume, multi=multi)
     # Held from before the folder is made (or an old run replaced) to the end, errors included:
     # a second pretrain on the same folder stops with the holder's pid.
     with run.lock(fresh=not resume, force=force, images=folder):
+        if multi:
+            _same_run_dir(run)
         mesh = data_mesh(devices)
         check_batch(cfg.batch_size, mesh)
         data = _load_images(folder, cfg, images=images, cache=cache, monitor=monitor, multi=multi)
@@ -132,6 +148,47 @@ def _machine(cfg: TrainConfig) -> dict:
         info = processor.processor()
         out.update(processor=info["model"], isa=processor.isa(info), simd=info["simd"])
     return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _same_settings(folder: Path, cfg: TrainConfig, output: Path | None, *, resume: bool, force: bool,
+                   cache: bool) -> None:
+    """Every process of a multi-process run was started with the same settings, else a ConfigError
+    (on every process) naming the fields that differ and the processes that differ from process 0:
+    a mixed run would train one program on some processes and another on the rest, or hang in a
+    collective that only some of them reach."""
+    values = {**{f"config.{k}": v for k, v in _flat(cfg.to_json()).items()},
+              "FOLDER": str(Path(folder).absolute()), "--output": str(Path(output).absolute()) if output else None,
+              "--resume": resume, "--force": force, "--cache": cache}
+    differ = disagreements(values)
+    if differ:
+        names = ", ".join(f"{k.removeprefix('config.')} (process{'es' if len(p) > 1 else ''} "
+                          f"{', '.join(map(str, p))})" for k, p in list(differ.items())[:6])
+        raise ConfigError(f"the processes were started with different settings: {names} differ from process 0's; "
+                          "start every process with the same command, but for --process-id")
+
+
+def _same_run_dir(run: RunDir) -> None:
+    """Every process sees the run directory process 0 locked (the lock file it wrote), else a
+    ConfigError on every process: processes writing to different folders finish training and then
+    wait for each other forever inside the checkpoint save."""
+    token = (run.path / LOCK_NAME).read_bytes() if is_primary() else b""
+    want = agree([zlib.crc32(token) & 0x7FFFFFFF])[0, 0]
+    try:
+        seen = zlib.crc32((run.path / LOCK_NAME).read_bytes()) & 0x7FFFFFFF
+    except OSError:
+        seen = -1
+    lost = np.flatnonzero(agree([int(seen == want)])[:, 0] == 0)
+    if len(lost):
+        raise ConfigError(f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} cannot see the run "
+                          f"directory {run.path} that process 0 writes: every process needs the same --output, "
+                          "on storage all of them reach")
 
 
 def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: bool) -> tuple[RunDir, TrainConfig, int]:
