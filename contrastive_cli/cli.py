@@ -183,7 +183,7 @@ def _interrupted() -> typer.Exit:
     return typer.Exit(128 + signum)
 
 
-def _heavy_command() -> None:
+def _heavy_command(*, check_backend: bool = True) -> None:
     """Process-wide settings for a command that compiles and runs the model (pretrain, embed,
     evaluate): the CPU speed wing (perf.switch_on), JAX's persistent compilation cache, and Orbax's
     INFO logging silenced. Called first in those commands, before NumPy or JAX start.
@@ -207,7 +207,7 @@ def _heavy_command() -> None:
             # thread, some after the command has reported it (as one CheckpointError line).
             for name in ("absl", "asyncio"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
-        _enable_compilation_cache()  # imports JAX
+        _enable_compilation_cache(check_backend=check_backend)  # imports JAX
         try:
             import orbax.checkpoint  # noqa: F401  (TensorStore: native, like jaxlib)
         except ImportError:
@@ -226,14 +226,40 @@ def _signals_held():
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
-def _enable_compilation_cache(min_compile_secs: float = 0.5) -> None:
+def _check_backend() -> None:
+    """JAX_PLATFORMS naming a backend this machine lacks (cuda without a GPU, tpu without libtpu)
+    is one line naming the backends it has, not JAX's AssertionError at the first array."""
+    wanted = os.environ.get("JAX_PLATFORMS", "")
+    if not wanted:
+        return
+    import jax
+
+    try:
+        jax.devices()
+        return
+    except Exception as e:  # RuntimeError ("Unable to initialize backend"), AssertionError (no backend at all)
+        why = str(e).split(" (set JAX_PLATFORMS", 1)[0].strip() or "not installed, or no such device"
+    import subprocess
+
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(' '.join(sorted({d.platform for d in jax.devices()})))"],
+                           env={**os.environ, "JAX_PLATFORMS": ""}, capture_output=True, text=True)
+    have = probe.stdout.strip() or "none found"
+    console.error(f"JAX_PLATFORMS={wanted} names a backend this machine cannot start ({why}); "
+                  f"backends here: {have} (unset JAX_PLATFORMS to use the best of them)")
+    raise typer.Exit(1)
+
+
+def _enable_compilation_cache(min_compile_secs: float = 0.5, *, check_backend: bool = True) -> None:
     """Compiled programs are reused across runs: a second `pretrain` starts in seconds, not tens.
     Programs that compiled faster than `min_compile_secs` are not kept (0 for the quick commands,
-    `similarity` and `neighbors --query`, whose whole run is about one compile)."""
+    `similarity` and `neighbors --query`, whose whole run is about one compile). `check_backend`:
+    first `_check_backend`, which starts JAX's backends (not before a multi-process run joins)."""
     import jax
 
     from .files import cache_dir
 
+    if check_backend:
+        _check_backend()
     if jax.config.jax_compilation_cache_dir:
         return  # already set (by the user, or by tests/conftest.py)
     path = cache_dir() / "jax"
@@ -397,7 +423,11 @@ def pretrain(
             eval_folder=str(eval_folder.resolve()) if eval_folder else "", eval_every=eval_every)
 
     cfg = _run(build)
-    _heavy_command()
+    _heavy_command(check_backend=False)
+    from .mesh import launcher_present
+
+    if coordinator is None and not launcher_present():  # it starts JAX's devices: not before a run joins
+        _check_backend()
     from .train.loop import pretrain as run_pretrain
 
     display = console.TrainDisplay(quiet=quiet)

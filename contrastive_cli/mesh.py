@@ -46,7 +46,9 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         if num_processes == 1:
             return False
         kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    elif _launcher_present():
+        if process_id == 0:
+            _port_free(coordinator)
+    elif launcher_present():
         kwargs = {}  # JAX reads the launcher's environment
     else:
         return False
@@ -59,6 +61,23 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     if jax.process_count() > 1:
         _native_stdout_to_stderr()
     return jax.process_count() > 1
+
+
+def _port_free(coordinator: str) -> None:
+    """Process 0 listens on the coordinator's port: one already in use is a ConfigError (XLA's
+    coordination service would crash the process with a segmentation fault)."""
+    import errno
+    import socket
+
+    host, port = coordinator.rsplit(":", 1)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+            s.bind((host.strip("[]"), int(port)))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} of the coordinator {coordinator} is already in use; "
+                              "choose another --coordinator port") from None
+        # another reason (the host is not this machine's name, ...): let the join report it
 
 
 def _watched_join(kwargs: dict, address: str, timeout: float) -> None:
@@ -127,7 +146,7 @@ def _native_stdout_to_stderr() -> None:
     sys.stdout = os.fdopen(results, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
 
 
-def _launcher_present() -> bool:
+def launcher_present() -> bool:
     """An `srun` step or `mpirun` launch of several processes (JAX then finds its parameters).
 
     SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script of an --ntasks=4 job that runs one

@@ -180,3 +180,19 @@ def test_a_process_whose_peer_never_comes_says_so_and_ends(tmp_path, stop):
         assert proc.returncode == 128 + stop
         assert lines[-1] == ("error: interrupted" if stop == signal.SIGINT else "error: interrupted by SIGTERM")
     assert len(lines) == 2 and out == ""
+
+
+def test_a_coordinator_port_in_use_is_one_line(tmp_path):
+    folder = tmp_path / "images"
+    write_images(folder)
+    with socket.socket() as busy:
+        busy.bind(("localhost", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "contrastive_cli.cli", "pretrain", str(folder), "-o",
+                               str(tmp_path / "run"), "--steps", "1", "--coordinator", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", "0"], capture_output=True, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"error: port {port} of the coordinator localhost:{port} is already in use; "
+                                   "choose another --coordinator port")
