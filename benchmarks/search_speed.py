@@ -3,6 +3,7 @@
     python benchmarks/search_speed.py                 # 100k float32 and 1M float16, D=512 (~6 min on 2 busy cores)
     python benchmarks/search_speed.py --sizes 100000  # quick
     python benchmarks/search_speed.py --pairs-budget 0  # no time limit on all-pairs (1M: hours on a CPU)
+    python benchmarks/search_speed.py --million       # issue 20: the approximate index at 1M x 256 (search_million.py)
 
 Data: random unit vectors written chunk by chunk into a .npy in a temp folder (the 1M set in float16:
 1 GB, as `embed --dtype float16` would write it), with rows 100..199 near-copies (cosine ~0.9999)
@@ -150,6 +151,12 @@ def run_case(case: str, file: Path, n: int, budget: float) -> dict:
 
 
 def main() -> None:
+    if "--million" in sys.argv:  # the clustered 1M benchmark of issue 20, with its own options
+        sys.path.insert(0, str(Path(__file__).parent))
+        import search_million
+
+        sys.argv.remove("--million")
+        return search_million.main()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--pairs-budget", type=float, default=60.0, help="seconds per all-pairs run (0: no limit)")

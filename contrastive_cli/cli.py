@@ -447,9 +447,11 @@ def embed(
     output: Annotated[Path, typer.Option("--output", "-o", help="Embeddings file (.npy); the index goes beside it as .json.")] = Path("embeddings.npy"),
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=_range(1, None), help="Images per forward pass.")] = 128,
     dtype: Annotated[DType, typer.Option(help="Stored dtype; float16 halves the file.")] = DType(EMBEDDING_DTYPES[0]),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Embed everything again and replace an existing OUTPUT. Without it, an OUTPUT embedded from FOLDER by the same model, step and settings is brought up to date (only new or changed files are embedded, removed ones dropped); any other existing OUTPUT is an error.")] = False,
 ) -> None:
-    """Embed every image in FOLDER to OUTPUT (.npy, float [N, D], unit rows) with an index (.json)."""
+    """Embed every image in FOLDER to OUTPUT (.npy, float [N, D], unit rows) with an index (.json).
+
+    Run again on the same folder, it updates OUTPUT: only files added or changed since are embedded."""
     _folder(folder, "FOLDER")
     _heavy_command()
     from .infer.embed import embed_folder, index_path
@@ -465,8 +467,15 @@ def embed(
         console.warn(f"left out {len(index['skipped'])} unreadable file(s): "
                      + "; ".join(f"{s['path']}: {s['reason']}" for s in index["skipped"][:3])
                      + (" ..." if len(index["skipped"]) > 3 else "") + f" (listed in {index_path(output)})")
-    console.info(f"embedded {len(index['paths'])} images -> {output} [{len(index['paths'])} x {index['dim']}, "
-                 f"{index['dtype']}], index {index_path(output)}")
+    if "update" in index:
+        u = index["update"]
+        done = (f"up to date: {output} already holds these {u['reused']} images" if not (u["embedded"] or u["removed"])
+                else f"updated {output}: kept {u['reused']} rows, embedded {u['embedded']} new or changed "
+                     f"images, dropped {u['removed']} removed")
+        console.info(f"{done} [{len(index['paths'])} x {index['dim']}, {index['dtype']}]")
+    else:
+        console.info(f"embedded {len(index['paths'])} images -> {output} [{len(index['paths'])} x {index['dim']}, "
+                     f"{index['dtype']}], index {index_path(output)}")
     typer.echo(str(output))
 
 
@@ -531,6 +540,42 @@ def _csv(header: list[str], rows: list[list]) -> None:
     writer.writerows(rows)
 
 
+_EXACT_HELP = "Exact search whatever the file's size (streams every row; no index is used or built)."
+_NPROBE_HELP = ("Approximate search: index cells scanned per query (more: higher recall, slower). "
+                "0: the index's default (16).")
+
+
+def _searched(search: dict) -> str:
+    """How a result was found, for the summary line."""
+    if search["method"] == "exact":
+        return "exact search"
+    return f"approximate search: faiss {search['index']}, nprobe {search['nprobe']}; --exact for the exact one"
+
+
+@app.command(cls=_Command)
+def index(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
+    nlist: Annotated[int, typer.Option("--nlist", callback=_range(0, None), help="Cells of the inverted file (k-means centroids). 0: from the row count, the power of two nearest 4 sqrt(N) (1M rows: 4096).")] = 0,
+    nprobe: Annotated[int, typer.Option("--nprobe", callback=_range(0, None), help="Cells a query scans by default (neighbors/duplicates --nprobe override it). 0: 16.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a file at EMB.ann that contrastive did not write.")] = False,
+) -> None:
+    """Build the approximate nearest-neighbour index (faiss IVF, float16 rows) of EMB.npy as EMB.ann.
+
+    Tied to the embeddings it was built from: once they change, searches say so and build it again.
+    `neighbors` and `duplicates` build it on first use for files of 50,000 rows or more; this
+    command builds it ahead, or with other parameters. Prints the index's path.
+    """
+    from .infer.find import make_index
+
+    result = _run(make_index, embeddings, nlist=nlist, nprobe=nprobe, force=force, on_info=console.info)
+    for message in result["warnings"]:
+        console.warn(message)
+    h = result["header"]
+    console.info(f"{'built' if result['built'] else 'up to date:'} {result['path']} [faiss {h['kind']}, "
+                 f"{h['indexed']} of {h['rows']} rows, nprobe {h['nprobe']}]")
+    typer.echo(result["path"])
+
+
 @app.command(cls=_Command)
 def neighbors(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings (.npy) written by `contrastive embed`, with its index (.json) beside it.")],
@@ -541,8 +586,13 @@ def neighbors(
     k: Annotated[int, typer.Option("-k", callback=_range(1, None), help="Number of neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: rank,row,path,cosine.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help=_EXACT_HELP)] = False,
+    nprobe: Annotated[int, typer.Option("--nprobe", callback=_range(0, None), help=_NPROBE_HELP)] = 0,
 ) -> None:
-    """Print the K nearest neighbours (highest cosine) of an image, a row or an indexed path."""
+    """Print the K nearest neighbours (highest cosine) of an image, a row or an indexed path.
+
+    Files of 50,000 rows or more are searched through the approximate index beside them (EMB.ann,
+    built on first use; see `contrastive index`); smaller ones, or with --exact, exactly."""
     fmt = _format(as_json, as_csv)
     if sum(q is not None for q in (query, row, path)) != 1:
         raise typer.BadParameter("give exactly one of --query IMAGE, --row I, --path P", param_hint="--query")
@@ -550,18 +600,20 @@ def neighbors(
         raise typer.BadParameter("--model is only used with --query", param_hint="--model")
     if query is not None:
         _enable_compilation_cache(0.0)
-    from .infer.search import neighbors as run_neighbors
+    from .infer.find import neighbors as run_neighbors
 
-    result = _run(run_neighbors, embeddings, k, row=row, path=path, image=query, model=model)
+    result = _run(run_neighbors, embeddings, k, row=row, path=path, image=query, model=model,
+                  search="exact" if exact else "auto", nprobe=nprobe, on_info=console.info)
     for message in result["warnings"]:
         console.warn(message)
     found = result["neighbors"]
     if fmt == "json":
-        typer.echo(json.dumps({"query": result["query"], "model": result["model"], "neighbors": found}))
+        typer.echo(json.dumps({"query": result["query"], "model": result["model"], "search": result["search"],
+                               "neighbors": found}))
     elif fmt == "csv":
         _csv(["rank", "row", "path", "cosine"], [[n["rank"], n["row"], n["path"], f"{n['cosine']:.6f}"] for n in found])
     else:
-        console.info(f"{len(found)} nearest to {result['query']['path']}")
+        console.info(f"{len(found)} nearest to {result['query']['path']} ({_searched(result['search'])})")
         width = max(3, len(str(max(n["row"] for n in found))))
         typer.echo(f"{'rank':>4}  {'row':>{width}}  {'cosine':>9}  path")
         for n in found:
@@ -575,18 +627,23 @@ def duplicates(
     cross: Annotated[Path | None, typer.Option("--cross", help="Second embeddings file: list pairs between the two sets instead of groups within one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (the default).")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help=_EXACT_HELP)] = False,
+    nprobe: Annotated[int, typer.Option("--nprobe", callback=_range(0, None), help=_NPROBE_HELP)] = 0,
 ) -> None:
     """Print groups of near-duplicate images, or with --cross the matching pairs between two sets.
 
     CSV columns: group,row,path,score (largest group first; score is the image's best cosine within
-    its group); with --cross: row,path,other_row,other_path,score (best first).
+    its group); with --cross: row,path,other_row,other_path,score (best first). Files of 50,000 rows
+    or more (with --cross: the second file) are searched through the approximate index beside them
+    (built on first use; see `contrastive index`); smaller ones, or with --exact, exactly.
     """
     fmt = _format(as_json, as_csv)
-    from .infer.search import find_duplicates
+    from .infer.find import find_duplicates
 
     progress = console.DecodeProgress("comparing")
     try:
-        result = _run(find_duplicates, embeddings, threshold, cross=cross,
+        result = _run(find_duplicates, embeddings, threshold, cross=cross, search="exact" if exact else "auto",
+                      nprobe=nprobe, on_info=console.info,
                       on_progress=lambda done, total: total > 1 and progress(done, total))
     finally:
         progress.close()
@@ -595,18 +652,18 @@ def duplicates(
     if cross is not None:
         pairs = result["pairs"]
         console.info(f"{len(pairs)} pairs at cosine >= {threshold} between {result['rows']} and "
-                     f"{result['other_rows']} images")
+                     f"{result['other_rows']} images ({_searched(result['search'])})")
         if fmt == "json":
-            typer.echo(json.dumps({"threshold": threshold, "pairs": pairs}))
+            typer.echo(json.dumps({"threshold": threshold, "search": result["search"], "pairs": pairs}))
         else:
             _csv(["row", "path", "other_row", "other_path", "score"],
                  [[p["row"], p["path"], p["other_row"], p["other_path"], f"{p['score']:.6f}"] for p in pairs])
         return
     groups = result["groups"]
     console.info(f"{len(groups)} groups holding {sum(len(g['members']) for g in groups)} of {result['rows']} "
-                 f"images at cosine >= {threshold}")
+                 f"images at cosine >= {threshold} ({_searched(result['search'])})")
     if fmt == "json":
-        typer.echo(json.dumps({"threshold": threshold, "groups": groups}))
+        typer.echo(json.dumps({"threshold": threshold, "search": result["search"], "groups": groups}))
     else:
         _csv(["group", "row", "path", "score"],
              [[g["group"], m["row"], m["path"], f"{m['score']:.6f}"] for g in groups for m in g["members"]])

@@ -89,9 +89,12 @@ def test_embed_then_similarity(trained, tmp_path):
     sim = runner.invoke(app, ["similarity", str(first), str(other), "--model", str(run), "--json"])
     value = json.loads(sim.stdout)["similarity"]
     assert value == pytest.approx(float(emb[5] @ emb[6]), abs=1e-4)
-    # An existing output is never overwritten without --force.
+    # The same command again finds the pair up to date and writes nothing; other settings need --force.
+    before = out.read_bytes()
     again = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out)])
-    assert again.exit_code == 1 and "--force" in again.stderr
+    assert again.exit_code == 0 and "up to date" in again.stderr and out.read_bytes() == before
+    again = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out), "--dtype", "float16"])
+    assert again.exit_code == 1 and "--force" in again.stderr and out.read_bytes() == before
     forced = runner.invoke(app, ["embed", str(images), "--model", str(run), "--output", str(out), "--force",
                                  "--dtype", "float16"])
     assert forced.exit_code == 0 and np.load(out).dtype == np.float16

@@ -91,3 +91,62 @@ def test_outputs_take_the_umask(model, tmp_path):
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"e.npy": 0o644, "e.json": 0o644}
     x, index = load_embeddings(tmp_path / "e.npy")
     assert np.isfinite(x).all() and len(index["paths"]) == 8
+
+
+# --- incremental: a second embed of the folder embeds only what changed -------------------------
+
+def _picture(path, seed):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+
+
+def test_embed_again_after_adding_changing_and_deleting_files_equals_a_fresh_embed(model, tmp_path):
+    import shutil
+
+    from contrastive_cli.infer import ann
+
+    folder, run = model
+    images = shutil.copytree(folder, tmp_path / "images")
+    out = tmp_path / "e.npy"
+    first = embed_folder(images, run, out)
+    assert "update" not in first and len(first["files"]) == 8
+    before = snapshot(tmp_path)
+    again = embed_folder(images, run, out)  # nothing changed: nothing written
+    assert again["update"] == {"reused": 8, "embedded": 0, "removed": 0} and snapshot(tmp_path) == before
+    built = ann.build_index(load_embeddings(out)[0], tie=(first["npy_bytes"], first["npy_sha256"]))
+    ann.save_index(ann.ann_path(out), built)  # an index beside: the update must rebuild it
+    _picture(images / "img002.png", seed=100)  # changed
+    (images / "img005.png").unlink()  # deleted
+    _picture(images / "a-new.png", seed=101)  # added: sorts first
+    (images / "sub").mkdir()
+    _picture(images / "sub" / "z.png", seed=102)
+    updated = embed_folder(images, run, out)
+    assert updated["update"] == {"reused": 6, "embedded": 3, "removed": 1}
+    fresh = embed_folder(images, run, tmp_path / "fresh.npy")
+    x, index = load_embeddings(out)
+    y, ref = load_embeddings(tmp_path / "fresh.npy")
+    assert index["paths"] == ref["paths"] and index["files"] == ref["files"] == fresh["files"]
+    np.testing.assert_allclose(x, y, atol=1e-5)
+    loaded, why = ann.load_index(ann.ann_path(out), x, ann.npy_digest(out, index))
+    assert why is None and loaded.header["rows"] == 9
+
+
+def test_embed_over_a_pair_of_other_settings_needs_force(model, tmp_path):
+    folder, run = model
+    out = tmp_path / "e.npy"
+    assert embed(model, out).exit_code == 0
+    before = snapshot(tmp_path)
+    result = embed(model, out, "--dtype", "float16")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert messages(result.stderr) == [f"error: {out} already exists and it holds float32, not float16; "
+                                       f"pass --force to replace it"]
+    assert snapshot(tmp_path) == before
+    result = embed(model, out)
+    assert result.exit_code == 0 and "up to date" in result.stderr
+    (tmp_path / "other.npy").write_bytes(b"a user's file")
+    result = embed(model, tmp_path / "other.npy")
+    assert result.exit_code == 1 and "already exists and cannot be updated" in result.stderr
+    assert (tmp_path / "other.npy").read_bytes() == b"a user's file"
+    assert embed(model, out, "--force", "--dtype", "float16").exit_code == 0
+    assert load_embeddings(out)[0].dtype == np.float16

@@ -24,6 +24,7 @@ from ..data.decode import decode_files, decode_or_reason, decode_pool, quiet_pil
 from ..data.scan import no_usable_image, scan_images
 from ..errors import InputError
 from ..files import replace_all, sha256_file, write_temp
+from .embfile import load_embeddings
 from .portable import embed_files, load_model
 
 CHUNK = 1024  # images decoded at a time: memory stays bounded on folders of any size
@@ -55,17 +56,27 @@ an .onnx/.stablehlo/.safetensors file: infer/portable.py); write `output` and it
     `stop()` is asked just before the files are replaced: True (a signal arrived) raises
     KeyboardInterrupt and leaves the old files as they were. A failed write raises files.WriteError.
     `on_warning` gets the encoder's notes (an unreadable newest checkpoint passed over).
+
+    An existing `output` is replaced only with `force` (everything is embedded again), except one
+    that this call can bring up to date: embedded from this folder by this run at the same step,
+    encoder, image size, grid and dtype, with per-file records (index["files"]: [size, mtime_ns,
+    ctime_ns] per row). Then the rows of unchanged files are kept, only new or changed files are
+    embedded, removed ones are dropped, and the rows come in the order a fresh embed gives
+    (index["update"] counts them); nothing is written when nothing changed. Any other existing
+    output is an InputError that names the difference. An approximate index beside it (X.ann) is
+    rebuilt for the new pair.
     """
     folder, output = Path(folder), Path(output)
     if output.suffix != ".npy":
         raise InputError(f"output {output} must end in .npy (the index is written beside it as .json)")
     if dtype not in EMBEDDING_DTYPES:
         raise InputError(f"dtype {dtype!r} must be one of {', '.join(EMBEDDING_DTYPES)}")
+    previous = None  # (array, index) of the pair being brought up to date
     for p in (output, index_path(output)):
         if p.is_dir():
             raise InputError(f"{p} is a folder; give a file name for the embeddings")
-        if (p.exists() or p.is_symlink()) and not force:
-            raise InputError(f"{p} already exists; pass --force to replace it")
+    if not force and any(p.exists() or p.is_symlink() for p in (output, index_path(output))):
+        previous = _previous(output, folder, run_dir, dtype)
     if not output.parent.is_dir():
         raise InputError(f"output folder {output.parent} does not exist")
     if not os.access(output.parent, os.W_OK | os.X_OK):  # fail before the embedding work, not after
@@ -74,30 +85,95 @@ an .onnx/.stablehlo/.safetensors file: infer/portable.py); write `output` and it
     files = scan_images(folder, skipped=skipped)
     encoder = load_model(run_dir, batch_size=batch_size, conv=conv)
     _tell(encoder, on_warning)
-    rows, paths = [], []
-    for kept, bad, _, features in iter_embeddings(encoder, folder, files, on_progress=on_progress):
+    cfg = getattr(encoder, "cfg", None)  # a run's encoder; files (portable.py) have no config
+    settings = {"model": str(Path(run_dir).resolve()), "step": encoder.step, "encoder": encoder.name,
+                "image_size": encoder.image_size, "embed_grid": cfg.model.embed_grid if cfg else None,
+                "dim": encoder.dim, "dtype": dtype}
+    stats = {f.relative_to(folder).as_posix(): _stat(f) for f in files}
+    reuse: dict[str, int] = {}  # relative path -> row of the previous array
+    if previous is not None:
+        old_x, old = previous
+        for key, value in settings.items():
+            if old.get(key) != value:
+                raise InputError(f"{output} already exists, embedded with {key} {old.get(key)}; this embed has "
+                                 f"{key} {value}: pass --force to embed everything again and replace it")
+        reuse = {p: r for r, (p, st) in enumerate(zip(old["paths"], old["files"]))
+                 if st is not None and stats.get(p) == tuple(st)}
+    todo = [f for f in files if f.relative_to(folder).as_posix() not in reuse]
+    fresh: dict[str, np.ndarray] = {}
+    for kept, bad, _, features in iter_embeddings(encoder, folder, todo, on_progress=on_progress):
         skipped += bad
-        if kept:
-            rows.append(features.astype(dtype))
-            paths += kept
+        fresh.update(zip(kept, features.astype(dtype)) if kept else ())
+    paths = [p for p in stats if p in reuse or p in fresh]  # scan order: rows as a fresh embed puts them
     if not paths:
         raise no_usable_image(folder, len(files), skipped)
-    array = np.concatenate(rows)  # [N, F]
+    if previous is not None and not fresh and paths == previous[1]["paths"]:
+        return dict(previous[1], update={"reused": len(paths), "embedded": 0, "removed": 0})  # up to date
+    array = np.stack([fresh[p] if p in fresh else previous[0][reuse[p]] for p in paths])  # [N, F]
     index = {
         "paths": paths,
         "root": str(folder.resolve()),
-        "model": str(Path(run_dir).resolve()),
-        "step": encoder.step,
-        "encoder": encoder.name,
-        "image_size": encoder.image_size,
-        "dim": int(array.shape[1]),
-        "dtype": dtype,
+        **settings,
         "normalized": True,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "files": [list(stats[p]) for p in paths],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if previous is not None:
+        index["update"] = {"reused": len(paths) - len(fresh), "embedded": len(fresh),
+                           "removed": len(set(previous[1]["paths"]) - set(paths))}
     write_pair(output, array, index, stop=stop)
+    refresh_ann(output, array, index, on_warning=on_warning)
     return index
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    """What tells a file changed: (size, mtime_ns, ctime_ns). The ctime, as the decoded-image cache
+    keeps it: a rewrite of the same size with its mtime restored (`cp -p`, `rsync -t`) keeps size
+    and mtime, but nobody can set a ctime."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _previous(output: Path, folder: Path, run_dir: Path, dtype: str) -> tuple[np.ndarray, dict]:
+    """The existing pair at `output` when `embed` may bring it up to date: embedded from this very
+    folder by this run, with per-file records. Anything else is the user's to replace (--force)."""
+    try:
+        x, index = load_embeddings(output)
+    except InputError as e:
+        raise InputError(f"{output} already exists and cannot be updated ({e}); pass --force to replace it") from None
+    why = None
+    if index.get("root") != str(folder.resolve()):
+        why = f"it holds the images of {index.get('root')}"
+    elif index.get("model") != str(Path(run_dir).resolve()):
+        why = f"it was embedded by {index.get('model')}"
+    elif index.get("dtype") != dtype:
+        why = f"it holds {index.get('dtype')}, not {dtype}"
+    elif not isinstance(index.get("files"), list) or len(index["files"]) != len(index["paths"]):
+        why = "its index records no file sizes and times (written before updates were possible)"
+    if why:
+        raise InputError(f"{output} already exists and {why}; pass --force to replace it")
+    return x, index
+
+
+def refresh_ann(output: Path, array: np.ndarray, index: dict, *, on_warning=None) -> None:
+    """Rebuild the approximate index beside `output` for the pair just written, if one was there
+    (an index nobody asked for is not made here: `neighbors` and `duplicates` build it when needed)."""
+    from . import ann
+
+    target = ann.ann_path(output)
+    if not ann.is_ours(target):
+        return
+    old = ann.read_header(target) or {}
+    custom = old.get("nlist") if old.get("nlist") != ann.default_nlist(old.get("rows") or 1) else 0
+    valid = np.isfinite(array).all(axis=1)
+    try:
+        built = ann.build_index(array, valid=valid, nlist=min(custom or 0, len(array)), nprobe=old.get("nprobe", 0),
+                                tie=(index["npy_bytes"], index["npy_sha256"]))
+        ann.save_index(target, built)
+    except (InputError, OSError) as e:
+        if on_warning is not None:
+            on_warning(f"could not rebuild {target} ({e}); searches will rebuild it")
 
 
 def write_pair(output: Path, array: np.ndarray, index: dict, *, stop: Callable[[], bool] | None = None) -> None:

@@ -2,30 +2,32 @@
 
 Rows are unit vectors (see embed.py), so a dot product is a cosine. Nothing here builds an N x N
 matrix: `top_k` streams the embeddings in chunks of `chunk` rows through one jit-compiled step
-(matmul, `jax.lax.top_k`, merge with the running top k), and `duplicate_pairs` streams row blocks x
+(matmul, a grouped top k that sorts no full row, merge with the running top k), and `duplicate_pairs` streams row blocks x
 column blocks, so memory is bounded by the chunk size whatever N is. Inputs may be float16 or float32
 (a `np.load(mmap_mode="r")` memmap included); scores are computed in float32 at full matmul precision
-(no TF32 on GPUs: near-duplicate thresholds sit in the third decimal).
+(no TF32 on GPUs: near-duplicate thresholds sit in the third decimal). `top_k` runs under JAX;
+`duplicate_pairs` in NumPy's BLAS, since its blocks' hits are picked out on the host anyway.
 
 Rows that are not finite (NaN or infinite: a diverged model, a damaged file) would score NaN or
 +-1 against everything; `top_k` and `duplicate_pairs` take a `valid` mask that leaves them out, and
-the commands' twins build it (`finite_rows`) and warn about what they left out.
+the commands' twins (find.py) build it (`finite_rows`) and warn about what they left out. This is
+the exact search; ann.py is the approximate one for large files, and find.py picks between them.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .embfile import DTYPES, block, full_path, load_embeddings, row_of_path
+from .embfile import DTYPES, block, load_embeddings, release  # load_embeddings: for callers of this module
 from ..errors import InputError
 
-CHUNK = 4096  # rows per streamed block: a [CHUNK, CHUNK] float32 score block is 64 MiB
+CHUNK = 8192  # rows per duplicate_pairs block: a [CHUNK, CHUNK] float32 score block is 256 MiB
+TOPK_CHUNK = 4096  # rows per top_k chunk: [QUERY_CHUNK, 4096] scores ran faster than 8192 (BENCHMARKS.md)
 QUERY_CHUNK = 1024  # queries per pass over the embeddings in top_k
 
 Progress = Callable[[int, int], None]
@@ -93,26 +95,48 @@ def _scores(q: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.clip(s, -1.0, 1.0)  # rounding can put a unit vector's self-cosine at 1 + 1e-7
 
 
+GROUP = 32  # columns per group in _chunk_top_k
+
+
+def _chunk_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k(s, k) for s [Q, C] without running it over all C columns: the k best columns lie in
+    the k groups of GROUP columns with the highest maxima (a group holding one of them has a maximum
+    at least that high, and fewer than k columns are higher), so top-k runs over the C / GROUP group
+    maxima, then over the k * GROUP columns of the groups chosen, taken in column order (ties: the
+    earlier column first, as lax.top_k). Plain lax.top_k where C has no such grouping."""
+    q, c = s.shape
+    if c % GROUP or c // GROUP < k:
+        return jax.lax.top_k(s, k)
+    g = s.reshape(q, c // GROUP, GROUP)  # [Q, C/G, G]
+    _, groups = jax.lax.top_k(g.max(axis=2), k)  # [Q, k]
+    groups = jnp.sort(groups, axis=1)
+    cand = jnp.take_along_axis(g, groups[:, :, None], axis=1).reshape(q, k * GROUP)  # [Q, kG]
+    cols = (groups[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(q, k * GROUP)
+    cs, j = jax.lax.top_k(cand, k)
+    return cs, jnp.take_along_axis(cols, j, axis=1)
+
+
 @partial(jax.jit, static_argnames="k", donate_argnums=(0, 1))
 def _top_k_step(best_s, best_i, q, x, ok, offset, *, k):
     """Merge chunk x (rows offset.. of the embeddings; ok [C]: real and valid rows) into the running top k."""
     s = _scores(q, x)  # [Q, C]
     s = jnp.where(ok, s, -jnp.inf)  # padding and left-out rows never win
-    cs, ci = jax.lax.top_k(s, min(k, x.shape[0]))
+    cs, ci = _chunk_top_k(s, min(k, x.shape[0]))
     all_s = jnp.concatenate([best_s, cs], axis=1)  # [Q, k + min(k, C)]
     all_i = jnp.concatenate([best_i, ci.astype(best_i.dtype) + offset], axis=1)
     s, j = jax.lax.top_k(all_s, k)  # stable: on ties the earlier row stays first
     return s, jnp.take_along_axis(all_i, j, axis=1)
 
 
-def top_k(queries: np.ndarray, embeddings: np.ndarray, k: int, *, chunk: int = CHUNK,
+def top_k(queries: np.ndarray, embeddings: np.ndarray, k: int, *, chunk: int = TOPK_CHUNK,
           query_chunk: int = QUERY_CHUNK, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of `embeddings` [N, D] with the highest cosine to each of `queries` [Q, D].
 
-    Returns (scores float32 [Q, k] descending, indices int64 [Q, k]). Streams `embeddings` in chunks
-    of `chunk` rows (the last one padded to the compiled shape with -inf scores: one compile), so
-    memory holds one chunk and a [Q, chunk] score block, never [Q, N]. Queries go `query_chunk` at a
-    time. float16 or float32 inputs; scores in float32. Needs 1 <= k <= N. `valid` (bool [N]):
+    Returns (scores float32 [Q, k] descending, indices int64 [Q, k]). Reads `embeddings` once, in
+    chunks of `chunk` rows (converted to float32 once, the last one padded to the compiled shape
+    with -inf scores: one compile); every block of `query_chunk` queries meets each chunk while it
+    is on the device, so memory holds one chunk and a [query_chunk, chunk] score block, never
+    [Q, N]. float16 or float32 inputs; scores in float32. Needs 1 <= k <= N. `valid` (bool [N]):
     only those rows are searched (then k <= their count). Queries must be finite.
     """
     n, d = embeddings.shape
@@ -125,31 +149,16 @@ def top_k(queries: np.ndarray, embeddings: np.ndarray, k: int, *, chunk: int = C
         raise InputError(f"chunk sizes must be positive (chunk {chunk}, query_chunk {query_chunk})")
     c = min(chunk, n)
     qc = min(query_chunk, len(queries))
-    out_s = np.empty((len(queries), k), np.float32)
-    out_i = np.empty((len(queries), k), np.int64)
-    for q0 in range(0, len(queries), qc):
-        q = jax.device_put(block(queries, q0, qc))  # on the device once, for every chunk
-        best_s = jnp.full((qc, k), -jnp.inf, jnp.float32)
-        best_i = jnp.full((qc, k), -1, jnp.int32)  # JAX's default int; N < 2**31
-        for start in range(0, n, c):
-            best_s, best_i = _top_k_step(best_s, best_i, q, block(embeddings, start, c),
-                                         _mask(valid, start, c) & (np.arange(c) < n - start), start, k=k)
-        m = min(qc, len(queries) - q0)
-        out_s[q0:q0 + m] = np.asarray(best_s)[:m]
-        out_i[q0:q0 + m] = np.asarray(best_i)[:m]
+    starts = range(0, len(queries), qc)
+    q = [jax.device_put(block(queries, q0, qc).astype(np.float32)) for q0 in starts]
+    best = [(jnp.full((qc, k), -jnp.inf, jnp.float32), jnp.full((qc, k), -1, jnp.int32)) for _ in starts]
+    for start in range(0, n, c):  # JAX's default int32 indices: N < 2**31
+        x = jax.device_put(block(embeddings, start, c).astype(np.float32))  # [C, D], read and converted once
+        ok = _mask(valid, start, c) & (np.arange(c) < n - start)
+        best = [_top_k_step(s, i, qb, x, ok, start, k=k) for (s, i), qb in zip(best, q)]
+    out_s = np.concatenate([np.asarray(s) for s, _ in best])[:len(queries)]
+    out_i = np.concatenate([np.asarray(i) for _, i in best])[:len(queries)].astype(np.int64)
     return out_s, out_i
-
-
-@jax.jit
-def _pairblock(a, b, ok_a, ok_b, row0, col0, threshold, upper):
-    """Scores of block a x b, -inf where padding or left out (ok_a [R], ok_b [C] False), below
-    threshold, or (upper) not strictly above the diagonal."""
-    s = _scores(a, b)  # [R, C]
-    gi = row0 + jnp.arange(a.shape[0])[:, None]
-    gj = col0 + jnp.arange(b.shape[0])[None, :]
-    keep = ok_a[:, None] & ok_b[None, :] & (s >= threshold) & (~upper | (gi < gj))
-    s = jnp.where(keep, s, -jnp.inf)
-    return s, keep.sum()
 
 
 def duplicate_pairs(embeddings: np.ndarray, threshold: float, *, other: np.ndarray | None = None,
@@ -159,9 +168,10 @@ def duplicate_pairs(embeddings: np.ndarray, threshold: float, *, other: np.ndarr
 
     Without `other`: pairs of rows of `embeddings` with i < j. With `other` [M, D]: pairs with i a
     row of `embeddings` and j a row of `other`. Streams blocks of `chunk` rows x `chunk` rows (only
-    the upper triangle of blocks without `other`); a block's scores leave the device only when it
-    holds a hit. `on_progress(blocks_done, blocks_total)` is called after each block. `valid`,
-    `other_valid` (bool [N], [M]): rows outside them are in no pair.
+    the upper triangle of blocks without `other`) through one float32 BLAS matmul each (NumPy's:
+    the scores are thresholded where they lie, no device round trip), then one pass that keeps the
+    hits; nothing sorts. `on_progress(blocks_done, blocks_total)` is called after each block.
+    `valid`, `other_valid` (bool [N], [M]): rows outside them are in no pair.
     """
     d = embeddings.shape[1]
     if chunk < 1:
@@ -176,6 +186,16 @@ def duplicate_pairs(embeddings: np.ndarray, threshold: float, *, other: np.ndarr
     return _pairs(embeddings, cols, np.float32(threshold), other is None, chunk, on_progress, valid, col_valid)
 
 
+def _float_block(x: np.ndarray, start: int, size: int, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start, start + size) as float32, rows outside `valid` zeroed (a NaN would spread through
+    the matmul), and bool: which of them are valid."""
+    out = np.array(x[start:start + size], np.float32)
+    release(x, start, start + len(out))
+    ok = _mask(valid, start, len(out))
+    out[~ok] = 0.0
+    return out, ok
+
+
 def _pairs(rows, cols, t, upper, chunk, on_progress, row_valid, col_valid):
     """duplicate_pairs' generator, apart so that bad arguments raise at the call, not at first next()."""
     n, m = rows.shape[0], cols.shape[0]
@@ -185,19 +205,20 @@ def _pairs(rows, cols, t, upper, chunk, on_progress, row_valid, col_valid):
     total = len(row_starts) * (len(row_starts) + 1) // 2 if upper else len(row_starts) * len(col_starts)
     done = 0
     for r0 in row_starts:
-        a = jax.device_put(block(rows, r0, rc))
-        ok_a = _mask(row_valid, r0, rc) & (np.arange(rc) < n - r0)
+        a, ok_a = _float_block(rows, r0, rc, row_valid)
         for c0 in col_starts:
             if upper and c0 < r0:
                 continue  # lower triangle: the pair was seen as (j, i)
-            b = a if (upper and c0 == r0) else block(cols, c0, cc)
-            ok_b = _mask(col_valid, c0, cc) & (np.arange(cc) < m - c0)
-            s, hits = _pairblock(a, b, ok_a, ok_b, r0, c0, t, upper)
+            b, ok_b = (a, ok_a) if (upper and c0 == r0) else _float_block(cols, c0, cc, col_valid)
+            s = a @ b.T  # [R, C] float32
+            i, j = np.divmod(np.flatnonzero(s >= t), s.shape[1])
+            keep = ok_a[i] & ok_b[j]
+            if upper and c0 == r0:
+                keep &= i < j
             done += 1
-            if int(hits):
-                s = np.asarray(s)
-                i, j = np.nonzero(s != -np.inf)
-                yield (i + r0).astype(np.int64), (j + c0).astype(np.int64), s[i, j]
+            if keep.any():
+                i, j = i[keep], j[keep]
+                yield i + r0, j + c0, np.clip(s[i, j], -1.0, 1.0)  # rounding: a self-cosine of 1 + 1e-7
             if on_progress:
                 on_progress(done, total)
 
@@ -210,10 +231,16 @@ def duplicate_groups(embeddings: np.ndarray, threshold: float, *, chunk: int = C
     share a group when a~b and b~c even if cos(a, c) < threshold. Union-find over the streamed pairs,
     vectorised in NumPy; memory O(N) besides one block of pairs.
     """
-    n = embeddings.shape[0]
+    pairs = duplicate_pairs(embeddings, threshold, chunk=chunk, on_progress=on_progress, valid=valid)
+    return groups_of(embeddings.shape[0], pairs)
+
+
+def groups_of(n: int, pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[DuplicateGroup]:
+    """Connected components of (i, j, score) pair blocks over rows 0..n-1 (exact or approximate;
+    a pair may come more than once), as duplicate_groups returns them."""
     parent = np.arange(n, dtype=np.int64)
     best = np.full(n, -np.inf, np.float32)
-    for i, j, s in duplicate_pairs(embeddings, threshold, chunk=chunk, on_progress=on_progress, valid=valid):
+    for i, j, s in pairs:
         np.maximum.at(best, i, s)
         np.maximum.at(best, j, s)
         _union(parent, i, j)
@@ -258,107 +285,3 @@ def _flatten(parent: np.ndarray) -> np.ndarray:
         if np.array_equal(up, parent):
             return parent
         parent = up
-
-
-# --- the commands' twins ------------------------------------------------------------------------
-
-def neighbors(embeddings_path: Path, k: int, *, row: int | None = None, path: str | Path | None = None,
-              image: Path | None = None, model: Path | None = None) -> dict:
-    """The k nearest rows of EMB.npy to one query: an indexed row, an indexed path, or an image file.
-
-    An image is embedded with `model` (default: the run named in the index). A row or path query
-    leaves the row itself out. Rows that are not finite are left out (with a warning); a query that
-    is not finite is an InputError. Returns {"query", "model", "neighbors": [{rank, row, path,
-    cosine}], "warnings": [...]}, paths joined to the index's root.
-    """
-    if sum(q is not None for q in (row, path, image)) != 1:
-        raise InputError("give exactly one query: an image (with a model), a row, or a path")
-    x, index = load_embeddings(embeddings_path)
-    n, d = x.shape
-    warnings, used_model = [], None
-    valid = finite_rows(x)
-    if image is not None:
-        from .portable import embed_files, load_model  # JAX: only for image queries
-
-        if not Path(image).is_file():
-            raise InputError(f"image not found: {image}")
-        used_model = str(model) if model else index.get("model")
-        if not used_model:
-            raise InputError(f"the index of {embeddings_path} names no model; pass --model RUN_DIR")
-        if model and index.get("model") and Path(model).resolve() != Path(index["model"]).resolve():
-            warnings.append(f"{embeddings_path} was made by {index['model']}, not {model}: "
-                            f"cosines across models are meaningless")
-        encoder = load_model(Path(used_model), batch_size=1, quick=True)
-        warnings += encoder.notes
-        if encoder.dim != d:
-            raise InputError(f"model {used_model} gives {encoder.dim}-d features but {embeddings_path} "
-                             f"holds {d}-d embeddings")
-        q, self_row, label = embed_files(encoder, [image]), None, str(image)
-        if not np.isfinite(q).all():
-            raise InputError(f"the embedding of {image} under {used_model} is not finite (NaN or infinite); "
-                             f"the model cannot be used for search")
-    else:
-        self_row = row_of_path(index, path) if path is not None else row
-        if not 0 <= self_row < n:
-            raise InputError(f"row {self_row} is out of range: {embeddings_path} has {n} rows (0..{n - 1})")
-        q, label = np.asarray(x[self_row:self_row + 1], np.float32), full_path(index, index["paths"][self_row])
-        if not valid[self_row]:
-            raise InputError(f"row {self_row} ({label}) of {embeddings_path} is not finite (NaN or infinite); "
-                             f"it cannot be searched for")
-    if (message := _left_out(embeddings_path, valid)) is not None:
-        warnings.append(message)
-    usable = int(np.count_nonzero(valid))
-    available = usable if self_row is None else usable - 1
-    if available == 0:
-        raise InputError(f"{embeddings_path} holds no row besides the query")
-    if k > available:
-        warnings.append(f"only {available} other rows: listing {available}, not {k}")
-        k = available
-    scores, rows = top_k(q, x, min(k + (self_row is not None), usable), valid=valid)
-    keep = rows[0] != self_row
-    scores, rows = scores[0][keep][:k], rows[0][keep][:k]
-    return {
-        "query": {"row": self_row, "path": label},
-        "model": used_model or index.get("model"),
-        "neighbors": [{"rank": r + 1, "row": int(i), "path": full_path(index, index["paths"][i]),
-                       "cosine": float(s)} for r, (i, s) in enumerate(zip(rows, scores))],
-        "warnings": warnings,
-    }
-
-
-def find_duplicates(embeddings_path: Path, threshold: float, *, cross: Path | None = None,
-                    chunk: int = CHUNK, on_progress: Progress | None = None) -> dict:
-    """Near-duplicates in EMB.npy (groups), or between EMB.npy and `cross` (pairs), at cosine >= threshold.
-
-    Returns {"threshold", "rows", "groups": [{"group", "members": [{row, path, score}]}]} where a
-    member's score is its best cosine within the group; with `cross`, "pairs": [{row, path,
-    other_row, other_path, score}] best first. Paths are joined to each index's root. Rows that are
-    not finite join no group or pair (a warning says which).
-    """
-    x, index = load_embeddings(embeddings_path)
-    out = {"threshold": threshold, "rows": int(x.shape[0]), "warnings": []}
-    valid = finite_rows(x)
-    if (message := _left_out(embeddings_path, valid)) is not None:
-        out["warnings"].append(message)
-    if cross is None:
-        groups = duplicate_groups(x, threshold, chunk=chunk, on_progress=on_progress, valid=valid)
-        out["groups"] = [{"group": g, "members": [{"row": int(r), "path": full_path(index, index["paths"][r]),
-                                                  "score": float(s)} for r, s in zip(*group)]}
-                         for g, group in enumerate(groups, 1)]
-        return out
-    y, other = load_embeddings(cross)
-    other_valid = finite_rows(y)
-    if (message := _left_out(cross, other_valid)) is not None:
-        out["warnings"].append(message)
-    if index.get("model") and other.get("model") and index["model"] != other["model"]:
-        out["warnings"].append(f"{embeddings_path} and {cross} were made by different models "
-                               f"({index['model']}, {other['model']}): cosines across models are meaningless")
-    found = [np.concatenate(a) for a in zip(*duplicate_pairs(x, threshold, other=y, chunk=chunk,
-                                                             on_progress=on_progress, valid=valid,
-                                                             other_valid=other_valid))]
-    i, j, s = found if found else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
-    order = np.lexsort((j, i, -s))  # best first; ties in row order
-    out["other_rows"] = int(y.shape[0])
-    out["pairs"] = [{"row": int(i[t]), "path": full_path(index, index["paths"][i[t]]), "other_row": int(j[t]),
-                     "other_path": full_path(other, other["paths"][j[t]]), "score": float(s[t])} for t in order]
-    return out
