@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -164,10 +163,12 @@ def test_a_process_whose_peer_never_comes_says_so_and_ends(tmp_path, stop):
            "--steps", "1", "--coordinator", address, "--num-processes", "2", "--process-id", "1",
            "--join-timeout", "30" if stop else "5"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = ""
     if stop:
-        time.sleep(4.5)  # past the 3 s after which it says what it waits for
+        first = proc.stderr.readline()  # it says what it waits for after 3 s: signal it once it waits
         proc.send_signal(stop)
     out, err = proc.communicate(timeout=60)
+    err = first + err
     assert "Traceback" not in err and "@ 0x" not in err, err[-3000:]
     lines = err.strip().splitlines()
     assert lines[0] == f"waiting for the other processes at {address} (process 1 of 2; giving up after " \

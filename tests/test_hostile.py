@@ -109,6 +109,11 @@ def test_embed_leaves_skipped_files_out_of_the_index_and_says_so(run, hostile, t
     emb = np.load(out)
     assert emb.shape == (len(hostile["good"]), index["dim"]) and np.isfinite(emb).all()
     assert f"left out {len(hostile['skipped'])} unreadable file(s)" in result.stderr
+    # Run again, the unreadable files (a broken link among them) are tried again, the rest is kept.
+    before = out.read_bytes()
+    again = runner.invoke(app, ["embed", str(hostile["root"]), "-m", str(model), "-o", str(out)])
+    assert again.exit_code == 0 and "up to date" in again.stderr, again.output
+    assert out.read_bytes() == before and not error_lines(again.stderr)
 
 
 def test_a_folder_whose_own_name_is_not_utf8(tmp_path):

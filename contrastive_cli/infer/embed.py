@@ -116,7 +116,7 @@ an .onnx/.stablehlo/.safetensors file: infer/portable.py); write `output` and it
         **settings,
         "normalized": True,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        "files": [list(stats[p]) for p in paths],
+        "files": [list(stats[p]) if stats[p] else None for p in paths],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if previous is not None:
@@ -127,11 +127,15 @@ an .onnx/.stablehlo/.safetensors file: infer/portable.py); write `output` and it
     return index
 
 
-def _stat(path: Path) -> tuple[int, int, int]:
+def _stat(path: Path) -> tuple[int, int, int] | None:
     """What tells a file changed: (size, mtime_ns, ctime_ns). The ctime, as the decoded-image cache
     keeps it: a rewrite of the same size with its mtime restored (`cp -p`, `rsync -t`) keeps size
-    and mtime, but nobody can set a ctime."""
-    st = path.stat()
+    and mtime, but nobody can set a ctime. None for a file that cannot be read (a broken link: the
+    decoder names it among the skipped), so that it is never taken as unchanged."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
