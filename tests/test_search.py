@@ -49,20 +49,31 @@ def write_embeddings(path, x, paths=None, root="/data", model="/runs/a"):
 
 # --- top_k --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, chunk, k, query_chunk", [
-    (50, 16, 5, 1024),  # N not a multiple of the chunk: the last chunk is padded
-    (50, 8, 20, 3),  # k > chunk; queries in padded blocks too
-    (50, 16, 50, 4),  # k == N
-    (50, 64, 3, 7),  # one chunk bigger than N
-    (50, 1, 2, 7),  # one row at a time
+@pytest.mark.parametrize("n, chunk, k", [
+    (50, 16, 5),  # N not a multiple of the chunk
+    (50, 8, 20),  # k > chunk
+    (50, 16, 50),  # k == N
+    (50, 64, 3),  # one chunk bigger than N
+    (50, 1, 2),  # one row at a time
 ])
-def test_top_k_equals_brute_force(n, chunk, k, query_chunk):
+def test_top_k_equals_brute_force(n, chunk, k):
     x, q = unit_rows(n), unit_rows(7, seed=1)
-    s, i = top_k(q, x, k, chunk=chunk, query_chunk=query_chunk)
+    s, i = top_k(q, x, k, chunk=chunk)
     ref_s, ref_i = brute_top_k(q, x, k)
     assert s.shape == i.shape == (7, k) and s.dtype == np.float32 and i.dtype == np.int64
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(s, ref_s, atol=1e-6)
+
+
+def test_top_k_leaves_out_invalid_rows_and_puts_the_earlier_of_equal_rows_first():
+    x = unit_rows(30, seed=3)
+    x[[4, 17, 25]] = x[9]  # four equal rows, 17 left out below
+    valid = np.ones(30, bool)
+    valid[[17, 2]] = False
+    for chunk in (30, 7, 1):
+        s, i = top_k(x[9], x, 5, chunk=chunk, valid=valid)
+        assert i[0, :3].tolist() == [4, 9, 25] and np.allclose(s[0, :3], 1.0) and s[0, 3] < 1 - 1e-3
+        assert not {2, 17} & set(i[0].tolist())
 
 
 def test_top_k_float16_and_memmap(tmp_path):

@@ -192,7 +192,7 @@ def _nprobe(index: Index, nprobe: int) -> int:
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise exact cosines of unit rows a[t] . b[t] in float32, clipped like search._scores."""
+    """Row-wise exact cosines of unit rows a[t] . b[t] in float32, clipped like search.top_k's."""
     return np.clip(np.einsum("td,td->t", a.astype(np.float32), b.astype(np.float32)), -1.0, 1.0)
 
 
