@@ -12,7 +12,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-ENCODERS = ("small", "resnet18")
+ENCODERS = ("small", "resnet18", "resnet50")
+IMAGENET_STEM_FROM = 96  # resnet50 images of this side or more get torchvision's ImageNet stem (nn/models.py)
 LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "bf16")
@@ -102,10 +103,18 @@ class ModelConfig:
                               f"of the encoder's last feature map at image size {self.image_size}")
 
     @property
+    def imagenet_stem(self) -> bool:
+        """Whether the encoder starts with torchvision's ImageNet stem (7x7/2 conv, 3x3/2 max-pool):
+        resnet50 at IMAGENET_STEM_FROM px and more. Below it, and for the other encoders, the
+        small-image stem (a 3x3/1 conv, no pool), as SimCLR's CIFAR variant and lightly use."""
+        return self.encoder == "resnet50" and self.image_size >= IMAGENET_STEM_FROM
+
+    @property
     def feature_side(self) -> int:
-        """Side of the encoders' last feature map: three stride-2 convs with padding 1, ceil(n / 2) each."""
+        """Side of the encoder's last feature map: three stride-2 convs with padding 1, ceil(n / 2)
+        each, after two more halvings (conv and max-pool, each ceil(n / 2)) with the ImageNet stem."""
         side = self.image_size
-        for _ in range(3):
+        for _ in range(5 if self.imagenet_stem else 3):
             side = -(-side // 2)
         return side
 

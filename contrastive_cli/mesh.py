@@ -187,7 +187,8 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
         lo, hi = batch_size - batch_size % n, batch_size + n - batch_size % n
-        raise ConfigError(f"batch size {batch_size} is not divisible by {n} devices; use {lo or n} or {hi}")
+        use = f"{lo} or {hi}" if lo else f"{hi}"  # below n there is only one way up
+        raise ConfigError(f"batch size {batch_size} is not divisible by {n} devices; use {use}")
 
 
 def local_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from contrastive_cli.errors import ConfigError, ContrastiveError
 
 # ---- validation: one ConfigError, naming the value that is wrong -------------------------------------
 @pytest.mark.parametrize("make, message", [
-    (lambda: ModelConfig(encoder="vit"), "unknown encoder 'vit'; choose one of small, resnet18"),
+    (lambda: ModelConfig(encoder="vit"), "unknown encoder 'vit'; choose one of small, resnet18, resnet50"),
     (lambda: ModelConfig(conv="fft"), "unknown convolution 'fft'; choose one of auto, xla, im2col, winograd"),
     (lambda: ModelConfig(image_size=8), "image size 8 is too small"),
     (lambda: ModelConfig(proj_dim=0), "hidden=0 dim=0 must be positive"),

@@ -115,6 +115,8 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run(full_run, folder, tmp
 def test_batch_must_divide_the_devices(folder, tmp_path):
     with pytest.raises(ConfigError, match="batch size 6 is not divisible by 4 devices; use 4 or 8"):
         pretrain(folder, TrainConfig.tiny(batch_size=6), tmp_path / "run")
+    with pytest.raises(ConfigError, match="batch size 2 is not divisible by 4 devices; use 4$"):
+        pretrain(folder, TrainConfig.tiny(batch_size=2), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -164,12 +164,14 @@ def test_named_convolutions_are_the_speed_wings():
 
 
 # (N, H, W, C, O, k, stride, padding): a Winograd layer (3x3/1, 128 channels, even side), the stem,
-# a strided layer and a 1x1 shortcut.
+# a strided layer, a 1x1 shortcut, and resnet50's ImageNet stem (7x7/2) and bottleneck 1x1/1.
 CONV_CASES = [
     (2, 4, 4, 128, 16, 3, 1, 1),
     (2, 8, 8, 3, 8, 3, 1, 1),
     (2, 7, 7, 8, 16, 3, 2, 1),
     (2, 8, 8, 16, 8, 1, 2, 0),
+    (2, 11, 11, 3, 8, 7, 2, 3),
+    (2, 5, 5, 16, 32, 1, 1, 0),
 ]
 
 

@@ -4,10 +4,12 @@ Images are NHWC float arrays, normalised. `SimCLRModel(x, train=...)` returns (h
 encoder's features (what `embed` writes), z the projection the loss sees (SimCLR, section 2.1:
 "we use a MLP with one hidden layer to obtain z = g(h)").
 
-The two encoders mirror the peer script in shared/peers exactly, so speed comparisons are like for
-like: `small` is 4 x (3x3 conv, BatchNorm, ReLU), strides 1-2-2-2, channels 32-64-128-256, global
+The first two encoders mirror the peer script in shared/peers exactly, so speed comparisons are like
+for like: `small` is 4 x (3x3 conv, BatchNorm, ReLU), strides 1-2-2-2, channels 32-64-128-256, global
 average pool; `resnet18` is torchvision's ResNet-18 with the small-image stem (3x3 stride-1 first
-convolution, no max-pool), as lightly and SimCLR's CIFAR variant use.
+convolution, no max-pool), as lightly and SimCLR's CIFAR variant use. `resnet50` is torchvision's
+ResNet-50 (SimCLR's standard backbone), with that small-image stem below 96 px and torchvision's
+own ImageNet stem (7x7/2 conv, 3x3/2 max-pool) from 96 px up (ModelConfig.imagenet_stem).
 """
 from __future__ import annotations
 
@@ -116,7 +118,76 @@ class ResNet18(nnx.Module):
         return grid_pool(self.feature_map(x, train), 1)  # [B, 512] float32
 
 
-ENCODERS = {"small": SmallCNN, "resnet18": ResNet18}
+class Bottleneck(nnx.Module):
+    """torchvision's ResNet bottleneck (v1.5: the stride on the 3x3 conv): 1x1 -> 3x3 -> 1x1 at 4x
+    the width, BatchNorm after each; 1x1 projection shortcut on shape change."""
+
+    expansion = 4
+
+    def __init__(self, cin, width, stride, *, conv, dtype, rngs):
+        cout = width * self.expansion
+        self.conv1 = Conv(cin, width, 1, 1, conv=conv, dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(width, rngs)
+        self.conv2 = Conv(width, width, 3, stride, conv=conv, dtype=dtype, rngs=rngs)
+        self.bn2 = _bn(width, rngs)
+        self.conv3 = Conv(width, cout, 1, 1, conv=conv, dtype=dtype, rngs=rngs)
+        self.bn3 = _bn(cout, rngs)
+        if stride != 1 or cin != cout:
+            self.short_conv = Conv(cin, cout, 1, stride, conv=conv, dtype=dtype, rngs=rngs)
+            self.short_bn = _bn(cout, rngs)
+        else:
+            self.short_conv = self.short_bn = None
+
+    def __call__(self, x, train: bool):
+        ura = not train
+        y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura)).astype(x.dtype)
+        y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=ura)).astype(x.dtype)
+        y = self.bn3(self.conv3(y), use_running_average=ura)
+        if self.short_conv is not None:
+            x = self.short_bn(self.short_conv(x), use_running_average=ura)
+        return jax.nn.relu(y + x).astype(y.dtype if self.short_conv is None else x.dtype)
+
+
+class ImageNetStem(nnx.Module):
+    """torchvision's stem: 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool (H/4)."""
+
+    def __init__(self, *, conv, dtype, rngs):
+        self.conv = Conv(3, 64, 7, 2, conv=conv, dtype=dtype, rngs=rngs)
+        self.bn = _bn(64, rngs)
+
+    def __call__(self, x, train: bool):
+        x = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train).astype(x.dtype))
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class ResNet50(nnx.Module):
+    """torchvision ResNet-50 (bottlenecks 3-4-6-3, widths 64-128-256-512 x 4) -> [B, 2048], with
+    torchvision's ImageNet stem (7x7/2 conv and max-pool: H/32 at the end) or SimCLR's small-image
+    stem (3x3/1 conv, no pool: H/8), as ModelConfig.imagenet_stem picks by image size."""
+
+    features = 2048
+
+    def __init__(self, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs, imagenet_stem: bool = False):
+        self.stem = (ImageNetStem(conv=conv, dtype=dtype, rngs=rngs) if imagenet_stem
+                     else ConvBNReLU(3, 64, 1, conv=conv, dtype=dtype, rngs=rngs))
+        blocks, cin = [], 64
+        for width, count, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for b in range(count):
+                blocks.append(Bottleneck(cin, width, stride if b == 0 else 1, conv=conv, dtype=dtype, rngs=rngs))
+                cin = width * Bottleneck.expansion
+        self.blocks = nnx.List(blocks)
+
+    def feature_map(self, x, train: bool):
+        x = self.stem(x, train)
+        for block in self.blocks:
+            x = block(x, train)
+        return x  # [B, H/32 or H/8, W/32 or W/8, 2048]
+
+    def __call__(self, x, train: bool):
+        return grid_pool(self.feature_map(x, train), 1)  # [B, 2048] float32
+
+
+ENCODERS = {"small": SmallCNN, "resnet18": ResNet18, "resnet50": ResNet50}
 
 
 class ProjectionHead(nnx.Module):
@@ -152,7 +223,8 @@ class SimCLRModel(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs,
                  logit_scalars: tuple[float, float] | None = None):
-        self.encoder = ENCODERS[cfg.encoder](conv=conv, dtype=dtype, rngs=rngs)
+        stem = {"imagenet_stem": cfg.imagenet_stem} if cfg.encoder == "resnet50" else {}
+        self.encoder = ENCODERS[cfg.encoder](conv=conv, dtype=dtype, rngs=rngs, **stem)
         width = self.encoder.features
         self.head = ProjectionHead(width, cfg.proj_hidden or width, cfg.proj_dim, rngs=rngs)
         self.logit_scalars = LogitScalars(*logit_scalars) if logit_scalars is not None else None
