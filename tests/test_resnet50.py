@@ -74,3 +74,9 @@ def test_resnet50_pretrains_and_embeds_at_224_px(tmp_path):
     emb = np.load(out)
     assert emb.shape == (4, 4 * 2048) and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # Exported to ONNX (the max-pool included: jax2onnx once dropped its padding), it embeds the same.
+    onnx = tmp_path / "encoder.onnx"
+    assert runner.invoke(app, ["export", str(run), "-o", str(onnx)]).exit_code == 0
+    result = runner.invoke(app, ["embed", str(images), "-m", str(onnx), "-o", str(tmp_path / "onnx.npy")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(tmp_path / "onnx.npy"), emb, atol=1e-4)

@@ -157,7 +157,10 @@ class ImageNetStem(nnx.Module):
 
     def __call__(self, x, train: bool):
         x = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train).astype(x.dtype))
-        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # Zero padding is -inf padding here (after the ReLU every window holds a value >= 0), and
+        # explicit: jax2onnx's MaxPool dropped the pool's own padding (ONNX features 0.0135 off).
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 class ResNet50(nnx.Module):
