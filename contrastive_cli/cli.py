@@ -33,7 +33,7 @@ from .config import (
     ENCODERS,
     LOSSES,
     OPTIMIZERS,
-    PRECISIONS,
+    PRECISION_CHOICES,
     VIEWS,
     AugmentConfig,
     ModelConfig,
@@ -94,7 +94,7 @@ app = typer.Typer(
 Encoder = Enum("Encoder", {n: n for n in ENCODERS}, type=str)
 Loss = Enum("Loss", {n: n for n in LOSSES}, type=str)
 Optimizer = Enum("Optimizer", {n: n for n in OPTIMIZERS}, type=str)
-Precision = Enum("Precision", {n: n for n in PRECISIONS}, type=str)
+Precision = Enum("Precision", {n: n for n in PRECISION_CHOICES}, type=str)
 Views = Enum("Views", {n: n for n in VIEWS}, type=str)
 Conv = Enum("Conv", {n: n for n in CONV_CHOICES}, type=str)
 DType = Enum("DType", {n: n for n in EMBEDDING_DTYPES}, type=str)
@@ -378,7 +378,7 @@ def pretrain(
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (warm-up then cosine decay).")] = Optimizer(TrainConfig.optimizer),
     weight_decay: Annotated[float, typer.Option(callback=_range(0.0, None), help="Weight decay (not on biases and norms).")] = TrainConfig.weight_decay,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
-    precision: Annotated[Precision, typer.Option(help="Compute precision. bf16 keeps parameters and loss in float32.")] = Precision(TrainConfig.precision),
+    precision: Annotated[Precision, typer.Option(help="Compute precision: auto (bf16 on GPU/TPU, float32 on CPU; config.json records which ran), float32 or bf16. bf16 keeps parameters, BatchNorm and the loss in float32.")] = Precision(TrainConfig.precision),
     embed_grid: Annotated[int, typer.Option("--embed-grid", callback=_range(1, None), help="Embeddings (embed, evaluate, similarity, search, the --eval-folder probe) average-pool the encoder's last feature map on a G x G grid: G*G times the features, keeping coarse layout (accuracy by G in BENCHMARKS.md). Training is the same whatever G: the projection head sees the global average. 1: global average pooling.")] = ModelConfig.embed_grid,
     views: Annotated[Views, typer.Option(help="How the two views go through the encoder: concat (one pass, BatchNorm statistics over both views, as SimCLR) or separate (one pass per view, statistics per view, as lightly's examples; faster for resnet18 on CPU, see BENCHMARKS.md).")] = Views(TrainConfig.views),
     log_every: Annotated[int, typer.Option(callback=_range(1, None), help="Log metrics every N steps.")] = TrainConfig.log_every,

@@ -17,6 +17,7 @@ IMAGENET_STEM_FROM = 96  # resnet50 images of this side or more get torchvision'
 LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # "auto": bf16 on GPU/TPU, float32 on CPU, resolved when a run starts
 VIEWS = ("concat", "separate")
 EMBEDDING_DTYPES = ("float32", "float16")  # what `embed` stores
 # The convolution a model runs (nn/conv.py): XLA's own, or the CPU speed wing's (perf/fastconv.py).
@@ -142,7 +143,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     seed: int = 0
-    precision: str = "float32"
+    precision: str = "auto"  # PRECISION_CHOICES
     # concat: one encoder pass over both views, BatchNorm statistics over both (SimCLR's global BN);
     # separate: one pass per view, statistics per view (lightly's examples).
     views: str = "concat"
@@ -168,8 +169,8 @@ class TrainConfig:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISION_CHOICES)}")
         if self.views not in VIEWS:
             raise ConfigError(f"unknown views {self.views!r}; choose one of {', '.join(VIEWS)}")
         if not self.temperature > 0:

@@ -52,6 +52,7 @@ def test_pretrain_writes_a_self_describing_run(trained):
     assert result.stdout.strip().endswith(str(run))
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["encoder"] == "small" and cfg["model"]["image_size"] == 16 and cfg["batch_size"] == 8
+    assert cfg["precision"] == "float32" and cfg["model"]["conv"] != "auto"  # "auto" recorded as what ran
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:

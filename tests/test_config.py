@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from contrastive_cli.config import (CONV_CHOICES, CONVS, ENCODERS, LOSSES, OPTIMIZERS, PRECISIONS, VIEWS,
+from contrastive_cli.config import (CONV_CHOICES, CONVS, ENCODERS, LOSSES, OPTIMIZERS, PRECISION_CHOICES, PRECISIONS, VIEWS,
                                     AugmentConfig, ModelConfig, TrainConfig)
 from contrastive_cli.errors import ConfigError, ContrastiveError
 
@@ -131,9 +131,9 @@ def test_cli_enums_offer_exactly_the_config_choices():
     from contrastive_cli.cli import Conv, Encoder, Loss, Optimizer, Precision, Views
 
     for enum, choices in ((Encoder, ENCODERS), (Loss, LOSSES), (Optimizer, OPTIMIZERS), (Conv, CONV_CHOICES),
-                          (Precision, PRECISIONS), (Views, VIEWS)):
+                          (Precision, PRECISION_CHOICES), (Views, VIEWS)):
         assert tuple(e.value for e in enum) == choices, enum
-    assert CONV_CHOICES == ("auto", *CONVS)
+    assert CONV_CHOICES == ("auto", *CONVS) and PRECISION_CHOICES == ("auto", *PRECISIONS)
 
 
 def test_the_choices_match_the_implementations():

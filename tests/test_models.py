@@ -228,3 +228,12 @@ def test_auto_resolves_to_the_backends_convolution():
     assert conv.resolve("auto", "cpu") == "winograd" and conv.resolve("auto", "gpu") == "xla"
     assert conv.resolve("im2col", "gpu") == "im2col"  # a named one is kept
     assert conv.convolution("auto") is fastconv.conv2d  # tests run on CPU
+
+
+def test_auto_precision_is_bf16_on_accelerators_and_float32_on_cpu():
+    from contrastive_cli.nn.models import compute_dtype, resolve_precision
+
+    assert [resolve_precision("auto", b) for b in ("cpu", "gpu", "tpu")] == ["float32", "bf16", "bf16"]
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("float32", "gpu") == "float32"
+    assert TrainConfig().precision == "auto" and compute_dtype(TrainConfig()) == jnp.float32  # this machine: CPU
+    assert compute_dtype(TrainConfig(precision="bf16")) == jnp.bfloat16

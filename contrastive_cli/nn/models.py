@@ -261,8 +261,18 @@ def feature_dim(cfg: ModelConfig) -> int:
     return ENCODERS[cfg.encoder].features * cfg.embed_grid**2
 
 
+def resolve_precision(name: str, backend: str | None = None) -> str:
+    """`name`, or for "auto" the default for `backend` (default: JAX's): bf16 compute on GPUs and
+    TPUs (their matrix units run it at several times float32's rate; parameters, BatchNorm and the
+    loss stay float32), float32 on CPUs, where bf16 was no faster for our step (BENCHMARKS.md,
+    "Session 10: the train step")."""
+    if name != "auto":
+        return name
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bf16"
+
+
 def compute_dtype(cfg: TrainConfig):
-    return jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    return jnp.bfloat16 if resolve_precision(cfg.precision) == "bf16" else jnp.float32
 
 
 def build_model(cfg: TrainConfig, *, conv: str | None = None) -> SimCLRModel:
