@@ -216,7 +216,8 @@ def test_argument_errors_are_usage_errors_naming_the_value(args, shown, tmp_path
     (tmp_path / "f.jpg").write_bytes(b"x")
     result = runner.invoke(app, [a.format(folder=tmp_path, file=tmp_path / "f.jpg") for a in args])
     assert result.exit_code == 2, result.output
-    assert "Usage:" in result.stderr and shown in usage_text(result.stderr)
+    # Rich breaks a path longer than the box anywhere (pytest-xdist's tmp paths are), so compare without spaces
+    assert "Usage:" in result.stderr and shown.replace(" ", "") in usage_text(result.stderr).replace(" ", "")
 
 
 @pytest.mark.parametrize("args, option, value", [
