@@ -49,9 +49,9 @@ except ImportError:  # the same modules, written out
 
 
 def backbone(name: str, size: int):
-    """The backbone our encoder of that name is (nn/models.py): the small CNN; torchvision's ResNet-18
-    with the small-image stem (3x3/1 conv, no max-pool) at every size; ResNet-50 with it below 96 px
-    and torchvision's own ImageNet stem from 96 px up."""
+    """The backbone our encoder of that name is (nn/models.py): the small CNN, or torchvision's
+    ResNet-18/50 with the small-image stem (3x3/1 conv, no max-pool) below 96 px and their own
+    ImageNet stem from 96 px up."""
     if name == "small":
         def blk(i, o, s):
             return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
@@ -59,7 +59,7 @@ def backbone(name: str, size: int):
                              nn.AdaptiveAvgPool2d(1), nn.Flatten()), 256
     m = getattr(torchvision.models, name)()
     dim = m.fc.in_features
-    if name == "resnet18" or size < 96:
+    if size < 96:
         m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         m.maxpool = nn.Identity()
     m.fc = nn.Identity()

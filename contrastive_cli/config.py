@@ -13,7 +13,8 @@ from typing import Any
 from .errors import ConfigError
 
 ENCODERS = ("small", "resnet18", "resnet50")
-IMAGENET_STEM_FROM = 96  # resnet50 images of this side or more get torchvision's ImageNet stem (nn/models.py)
+IMAGENET_STEM_FROM = 96  # ResNet images of this side or more get torchvision's ImageNet stem (nn/models.py)
+STEMS = ("auto", "small", "imagenet")  # a ResNet's first layers; "auto": by image size, resolved when a run starts
 LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "bf16")
@@ -89,12 +90,20 @@ class ModelConfig:
     embed_grid: int = 2
     # Which convolution runs (CONVS): the same maths to float rounding, different speed.
     conv: str = "xla"
+    # A ResNet's stem (STEMS): "small" (3x3/1 conv, no pool), "imagenet" (torchvision's 7x7/2 conv and
+    # 3x3/2 max-pool) or "auto" (imagenet from IMAGENET_STEM_FROM px). Configs written before 0.3.1 have
+    # no key: resnet50 took the ImageNet stem from 96 px, resnet18 never (TrainConfig.from_json).
+    stem: str = "auto"
 
     def __post_init__(self) -> None:
         if self.conv not in CONV_CHOICES:
             raise ConfigError(f"unknown convolution {self.conv!r}; choose one of {', '.join(CONV_CHOICES)}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if self.stem not in STEMS:
+            raise ConfigError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        if self.stem == "imagenet" and not self.encoder.startswith("resnet"):
+            raise ConfigError(f"the ImageNet stem is a ResNet's; encoder {self.encoder!r} has none")
         if self.image_size < 16:
             raise ConfigError(f"image size {self.image_size} is too small; use at least 16 pixels")
         if self.proj_dim < 1 or self.proj_hidden < 0:
@@ -106,9 +115,18 @@ class ModelConfig:
     @property
     def imagenet_stem(self) -> bool:
         """Whether the encoder starts with torchvision's ImageNet stem (7x7/2 conv, 3x3/2 max-pool):
-        resnet50 at IMAGENET_STEM_FROM px and more. Below it, and for the other encoders, the
-        small-image stem (a 3x3/1 conv, no pool), as SimCLR's CIFAR variant and lightly use."""
-        return self.encoder == "resnet50" and self.image_size >= IMAGENET_STEM_FROM
+        a ResNet whose stem is "imagenet", or "auto" at IMAGENET_STEM_FROM px and more. Otherwise the
+        small-image stem (a 3x3/1 conv, no pool), as SimCLR's CIFAR variant and lightly use: at 224 px
+        it would run ResNet-18's first stage on a 224 x 224 map, 16 times the ImageNet layout's work."""
+        if self.stem == "auto":
+            return self.encoder.startswith("resnet") and self.image_size >= IMAGENET_STEM_FROM
+        return self.stem == "imagenet"
+
+    def resolved(self) -> ModelConfig:
+        """This config with an "auto" stem made explicit (what a run records)."""
+        if self.stem != "auto" or not self.encoder.startswith("resnet"):
+            return self
+        return dataclasses.replace(self, stem="imagenet" if self.imagenet_stem else "small")
 
     @property
     def feature_side(self) -> int:
@@ -214,7 +232,11 @@ class TrainConfig:
         at every level, and missing ones (an older tool's) take their defaults."""
         data = dict(data)
         # A key missing from an older config keeps the default that version trained and embedded with.
-        model = ModelConfig(**{**_BEFORE_0_2_2["model"], **_known(ModelConfig, data.pop("model", {}))})
+        model = _known(ModelConfig, data.pop("model", {}))
+        if "stem" not in model:  # before 0.3.1: resnet50 took the ImageNet stem from 96 px, resnet18 never
+            legacy = model.get("encoder") == "resnet50" and model.get("image_size", 32) >= IMAGENET_STEM_FROM
+            model["stem"] = "imagenet" if legacy else "small"
+        model = ModelConfig(**{**_BEFORE_0_2_2["model"], **model})
         augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in {**_BEFORE_0_2_2["augment"],
                                                 **_known(AugmentConfig, data.pop("augment", {}))}.items()})

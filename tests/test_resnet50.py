@@ -1,5 +1,6 @@
-"""resnet50: torchvision's ResNet-50 layout (its parameter count, to the weight), the stem chosen by
-image size, and `pretrain` + `embed` end to end at 224 px on the CPU."""
+"""resnet50 (and resnet18's stem): torchvision's ResNet layouts (their parameter counts, to the
+weight), the stem chosen by image size (old configs keep theirs), and `pretrain` + `embed` end to end
+at 224 px on the CPU."""
 import json
 
 import jax
@@ -11,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
-from contrastive_cli.config import ConfigError, ModelConfig
+from contrastive_cli.config import ConfigError, ModelConfig, TrainConfig
 from contrastive_cli.nn.models import ENCODERS, SimCLRModel
 
 runner = CliRunner()
@@ -32,21 +33,37 @@ def _params(encoder, **kw) -> int:
 def test_resnet_parameters_match_torchvision():
     assert _params("resnet50", imagenet_stem=True) == TORCHVISION_RESNET50
     assert _params("resnet50") == TORCHVISION_RESNET50 - SMALL_STEM
-    assert _params("resnet18") == TORCHVISION_RESNET18 - SMALL_STEM  # resnet18 keeps its small-image stem
+    assert _params("resnet18", imagenet_stem=True) == TORCHVISION_RESNET18
+    assert _params("resnet18") == TORCHVISION_RESNET18 - SMALL_STEM
 
 
+@pytest.mark.parametrize("encoder, width", [("resnet50", 2048), ("resnet18", 512)])
 @pytest.mark.parametrize("size, stem, side", [(32, False, 4), (64, False, 8), (95, False, 12), (96, True, 3),
                                               (224, True, 7), (225, True, 8)])
-def test_the_stem_follows_the_image_size(size, stem, side):
-    cfg = ModelConfig(encoder="resnet50", image_size=size, embed_grid=1)
+def test_the_stem_follows_the_image_size(encoder, width, size, stem, side):
+    cfg = ModelConfig(encoder=encoder, image_size=size, embed_grid=1)
     assert cfg.imagenet_stem is stem and cfg.feature_side == side
+    assert cfg.resolved().stem == ("imagenet" if stem else "small") and cfg.resolved().imagenet_stem is stem
     model = nnx.eval_shape(lambda: SimCLRModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     fmap = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encoder.feature_map(x, False), state, x)
     h, z = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=True), state, x)
-    assert fmap.shape == (2, side, side, 2048) and h.shape == (2, 2048) and z.shape == (2, 128)
-    assert not ModelConfig(encoder="resnet18", image_size=size).imagenet_stem
+    assert fmap.shape == (2, side, side, width) and h.shape == (2, width) and z.shape == (2, 128)
+
+
+def test_a_stem_can_be_chosen_and_old_configs_keep_theirs():
+    assert ModelConfig(encoder="resnet18", image_size=224, stem="small").feature_side == 28
+    assert ModelConfig(encoder="resnet50", image_size=32, stem="imagenet", embed_grid=1).feature_side == 1
+    assert ModelConfig(encoder="small", image_size=224).resolved().stem == "auto"  # no stem to choose
+    with pytest.raises(ConfigError, match="the ImageNet stem is a ResNet's"):
+        ModelConfig(encoder="small", stem="imagenet")
+    with pytest.raises(ConfigError, match="unknown stem 'big'"):
+        ModelConfig(encoder="resnet18", stem="big")
+    # Before 0.3.1 (no "stem" key): resnet18 always had the small stem, resnet50 the ImageNet one from 96 px.
+    old = lambda encoder, size: TrainConfig.from_json({"model": {"encoder": encoder, "image_size": size}}).model
+    assert old("resnet18", 224).stem == "small" and old("resnet18", 224).feature_side == 28
+    assert old("resnet50", 224).stem == "imagenet" and old("resnet50", 64).stem == "small"
 
 
 def test_a_grid_larger_than_resnet50s_map_is_refused():
@@ -68,6 +85,7 @@ def test_resnet50_pretrains_and_embeds_at_224_px(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["encoder"] == "resnet50" and config["model"]["image_size"] == 224
+    assert config["model"]["stem"] == "imagenet"  # "auto", recorded as what was built
     out = tmp_path / "emb.npy"
     result = runner.invoke(app, ["embed", str(images), "-m", str(run), "-o", str(out)])
     assert result.exit_code == 0, result.output

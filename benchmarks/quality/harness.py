@@ -101,11 +101,12 @@ def run_logged(cmd: list[str], log: Path) -> str:
 class Ours:
     """`contrastive pretrain` + `contrastive embed`, as a user types them."""
 
-    def __init__(self, minutes: float, extra: list[str]):
-        self.bin, self.minutes, self.extra = contrastive_bin(), minutes, extra
+    def __init__(self, minutes: float, extra: list[str], steps: int = 0):
+        self.bin, self.minutes, self.extra, self.steps = contrastive_bin(), minutes, extra, steps
 
     def pretrain(self, folder: Path, run: Path, seed: int) -> dict:
-        run_logged([self.bin, "pretrain", str(folder), "--time-budget", f"{self.minutes:g}", "--seed", str(seed),
+        length = ["--steps", str(self.steps)] if self.steps else ["--time-budget", f"{self.minutes:g}"]
+        run_logged([self.bin, "pretrain", str(folder), *length, "--seed", str(seed),
                     "--output", str(run), "--force", *self.extra], run.with_suffix(".log"))
         summary = json.loads((run / "summary.json").read_text())
         return {"steps": summary.get("steps"), "train_s": round(summary.get("wall_s", 0), 1)}
@@ -170,6 +171,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining budget (ours: --time-budget; lightly: --minutes)")
+    p.add_argument("--steps", type=int, default=0, help="ours: train this many steps instead of --minutes (screening "
+                   "settings of equal step cost on a shared machine, where a time budget buys a varying number of steps)")
     p.add_argument("--extra", default="", help='flags added to `contrastive pretrain`, e.g. "--temperature 0.2 -b 64"')
     p.add_argument("--out", type=Path, default=Path("results.jsonl"))
     p.add_argument("--tag", default="", help="a name for this configuration, kept in every row and in the run paths")
@@ -189,11 +192,12 @@ def main() -> None:
         sys.exit(f"{a.root / 'mix'} not found: python benchmarks/quality/sets.py --root {a.root} --only mix")
     peer_missing = Lightly.missing() if any(m.startswith("lightly") for m in a.methods) else None
     runs = a.root / "runs" / (a.tag or "untagged")
-    ours, peer = Ours(a.minutes, shlex.split(a.extra)), Lightly(a.minutes)
+    ours, peer = Ours(a.minutes, shlex.split(a.extra), a.steps), Lightly(a.minutes)
 
     def report(name: str, method: str, seed: int, result: dict, **info) -> None:
         row = {"tag": a.tag, "set": name, "method": method, "seed": seed,
-               "minutes": 0 if method == "pixels" else a.minutes, **result, **info,
+               "minutes": 0 if method == "pixels" or (a.steps and method.startswith("ours")) else a.minutes,
+               **result, **info,
                "extra": a.extra if method.startswith("ours") else "", "loadavg": round(os.getloadavg()[0], 2),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         print(json.dumps(row), flush=True)

@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE))
 
 from harness import classes_of, image_paths, labels_of, score  # noqa: E402
 
-READOUTS = ("4g1", "4g2", "4g4", "3g2+4g2", "3g4+4g2", "3g4+4g4", "2g4+3g4+4g2", "3g2+4g1", "3g4+4g1")
+READOUTS = ("4g1", "4g2", "4g4", "3g2+4g2", "3g4+4g2", "3g4+4g4", "2g4+3g4+4g2", "3g2+4g1", "3g4+4g1",
+            "4g4/pca1024", "4g4/pcaw1024", "3g4+4g4/pca1024", "3g4+4g4/pcaw1024", "4g4/pca256")
 
 
 def maps(run: Path, folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -46,7 +47,7 @@ def maps(run: Path, folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     encoder = load_encoder(run)
     if encoder.name != "small":
         sys.exit(f"{run}: layers.py reads the small CNN's layers, not {encoder.name}")
-    blocks = sorted({b for r in READOUTS for b in r.split("+")})
+    blocks = sorted({b for r in READOUTS for b in r.partition("/")[0].split("+")})
     cfg = encoder.cfg
 
     @jax.jit
@@ -77,12 +78,28 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def readout(name: str, train: dict, test: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks centred, unit, concatenated; "/pcaD" then projects on the train split's first D
+    principal axes, "/pcawD" also divides each axis by the square root of its spread (whitening,
+    eigenvalues floored at 1% of the largest), before the final unit length."""
+    name, _, reduce = name.partition("/")
     parts_tr, parts_te = [], []
     for b in name.split("+"):
         mean = train[b].mean(axis=0)
         parts_tr.append(unit(train[b] - mean))
         parts_te.append(unit(test[b] - mean))
-    return unit(np.concatenate(parts_tr, 1)), unit(np.concatenate(parts_te, 1))
+    xtr, xte = np.concatenate(parts_tr, 1), np.concatenate(parts_te, 1)
+    if reduce:
+        reduce, _, floor = reduce.partition("@")
+        floor = float(floor or 0.01)
+        d = int(reduce.lstrip("pcaw"))
+        mean = xtr.mean(axis=0)
+        _, sv, vt = np.linalg.svd(xtr - mean, full_matrices=False)
+        axes = vt[:d].T
+        if reduce.startswith("pcaw"):
+            var = sv[:d] ** 2
+            axes = axes / np.sqrt(np.maximum(var, floor * var[0]))
+        xtr, xte = (xtr - mean) @ axes, (xte - mean) @ axes
+    return unit(xtr), unit(xte)
 
 
 def main() -> None:
@@ -90,6 +107,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path(".bench/quality"))
     p.add_argument("--tag", required=True)
     p.add_argument("--out", type=Path, default=Path("layers.jsonl"))
+    p.add_argument("--readouts", nargs="+", default=list(READOUTS))
     a = p.parse_args()
     runs = [r for r in sorted((a.root / "runs" / a.tag).glob("*-ours-s*")) if (r / "summary.json").exists()]
     if not runs:
@@ -102,8 +120,16 @@ def main() -> None:
         if (a.tag, name, int(seed)) in done:
             continue
         classes = classes_of(a.root / name)
-        (tr, ptr), (te, pte) = (maps(run, a.root / name / s) for s in ("train", "test"))
-        for r in READOUTS:
+        cache = run / "layers.npz"  # the maps, kept: a new readout reruns in seconds
+        if cache.exists():
+            z = np.load(cache, allow_pickle=True)
+            (tr, ptr), (te, pte) = [({k[len(s) + 1:]: z[k] for k in z.files if k.startswith(s + ":")}, list(z[s + "-paths"]))
+                                    for s in ("train", "test")]
+        else:
+            (tr, ptr), (te, pte) = (maps(run, a.root / name / s) for s in ("train", "test"))
+            np.savez(cache, **{f"train:{k}": v for k, v in tr.items()}, **{f"test:{k}": v for k, v in te.items()},
+                     **{"train-paths": np.asarray(ptr), "test-paths": np.asarray(pte)})
+        for r in a.readouts:
             xtr, xte = readout(r, tr, te)
             row = {"tag": a.tag, "set": name, "seed": int(seed), "readout": r,
                    **score(xtr, labels_of(ptr, classes), xte, labels_of(pte, classes), int(seed)),

@@ -7,9 +7,9 @@ encoder's features (what `embed` writes), z the projection the loss sees (SimCLR
 The first two encoders mirror the peer script in shared/peers exactly, so speed comparisons are like
 for like: `small` is 4 x (3x3 conv, BatchNorm, ReLU), strides 1-2-2-2, channels 32-64-128-256, global
 average pool; `resnet18` is torchvision's ResNet-18 with the small-image stem (3x3 stride-1 first
-convolution, no max-pool), as lightly and SimCLR's CIFAR variant use. `resnet50` is torchvision's
-ResNet-50 (SimCLR's standard backbone), with that small-image stem below 96 px and torchvision's
-own ImageNet stem (7x7/2 conv, 3x3/2 max-pool) from 96 px up (ModelConfig.imagenet_stem).
+convolution, no max-pool), as lightly and SimCLR's CIFAR variant use, below 96 px. `resnet50` is
+torchvision's ResNet-50 (SimCLR's standard backbone). Both take torchvision's own ImageNet stem
+(7x7/2 conv, 3x3/2 max-pool) from 96 px up (ModelConfig.imagenet_stem).
 """
 from __future__ import annotations
 
@@ -95,12 +95,14 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet18(nnx.Module):
-    """torchvision ResNet-18 with the small-image stem: 3x3/1 conv, no max-pool -> [B, 512]."""
+    """torchvision ResNet-18 -> [B, 512], with the small-image stem (3x3/1 conv, no max-pool: H/8 at
+    the end) or torchvision's ImageNet stem (H/32), as ModelConfig.imagenet_stem picks."""
 
     features = 512
 
-    def __init__(self, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.stem = ConvBNReLU(3, 64, 1, conv=conv, dtype=dtype, rngs=rngs)
+    def __init__(self, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs, imagenet_stem: bool = False):
+        self.stem = (ImageNetStem(conv=conv, dtype=dtype, rngs=rngs) if imagenet_stem
+                     else ConvBNReLU(3, 64, 1, conv=conv, dtype=dtype, rngs=rngs))
         blocks, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks += [BasicBlock(cin, cout, stride, conv=conv, dtype=dtype, rngs=rngs),
@@ -112,7 +114,7 @@ class ResNet18(nnx.Module):
         x = self.stem(x, train)
         for block in self.blocks:
             x = block(x, train)
-        return x  # [B, H/8, W/8, 512]
+        return x  # [B, H/8 or H/32, W/8 or W/32, 512]
 
     def __call__(self, x, train: bool):
         return grid_pool(self.feature_map(x, train), 1)  # [B, 512] float32
@@ -226,7 +228,7 @@ class SimCLRModel(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, conv: ConvFn = xla_conv, dtype=jnp.float32, rngs: nnx.Rngs,
                  logit_scalars: tuple[float, float] | None = None):
-        stem = {"imagenet_stem": cfg.imagenet_stem} if cfg.encoder == "resnet50" else {}
+        stem = {"imagenet_stem": cfg.imagenet_stem} if cfg.encoder.startswith("resnet") else {}
         self.encoder = ENCODERS[cfg.encoder](conv=conv, dtype=dtype, rngs=rngs, **stem)
         width = self.encoder.features
         self.head = ProjectionHead(width, cfg.proj_hidden or width, cfg.proj_dim, rngs=rngs)

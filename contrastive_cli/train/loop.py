@@ -194,7 +194,7 @@ def _same_run_dir(run: RunDir) -> None:
 
 def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: bool) -> tuple[RunDir, TrainConfig, int]:
     """The run directory; the config to train with: on --resume, the run's own (image size,
-    batch size, ...), not the command line's defaults; an "auto" convolution and precision resolved; and the
+    batch size, ...), not the command line's defaults; an "auto" convolution, precision and stem resolved; and the
     steps the caller asked for (cfg.steps; on --resume 0 unless --steps was given)."""
     steps = cfg.steps
     if output is None and multi:
@@ -208,6 +208,7 @@ def _open_run(output: Path | None, cfg: TrainConfig, *, resume: bool, multi: boo
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conv=resolve("auto")))
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision=resolve_precision("auto"))
+    cfg = dataclasses.replace(cfg, model=cfg.model.resolved())  # an "auto" stem recorded as the one built
     return run, cfg, steps
 
 
