@@ -8,6 +8,8 @@ with the run's encoder, and scores three representations of each image:
     features    the encoder's features h, L2-normalised (what `embed` wrote before 0.2.1)
     centred     h minus the mean of h over REFERENCE images (other images than the N), normalised
     projection  the projection head's output z, normalised (what the loss compares)
+    whitened    h less the REFERENCE mean, on its first 512 principal axes, each divided by the square
+                root of its variance (PCA whitening fit on REFERENCE), normalised
     embed       h minus the run's saved centre (the mean over its training images), normalised:
                 what `embed` writes since 0.2.1
 
@@ -86,6 +88,16 @@ def represent(encoder, forward, paths: list[Path]) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(hs), np.concatenate(zs)
 
 
+def whitening(href: np.ndarray, dims: int = 512, floor: float = 0.01):
+    """x -> (x - mean) @ W: the reference's first `dims` principal axes, each divided by the square
+    root of its variance (floored at `floor` of the largest): PCA whitening, fit on the reference."""
+    mean = href.mean(axis=0)
+    _, sv, vt = np.linalg.svd(href - mean, full_matrices=False)
+    var = sv[:dims] ** 2
+    w = vt[:dims].T / np.sqrt(np.maximum(var, floor * var[0]))
+    return lambda x: (x - mean) @ w
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -118,7 +130,7 @@ def score(name: str, a: np.ndarray, b: np.ndarray, pairs: np.ndarray) -> dict:
 def knn(a) -> None:
     from contrastive_cli.infer.knn import knn_accuracy
 
-    encoder = load_encoder(a.run)
+    encoder = load_encoder(a.run, embed_grid=a.embed_grid)
     forward = forward_fn(encoder)
 
     def split(name):
@@ -131,9 +143,12 @@ def knn(a) -> None:
     classes = sorted(set(ytr) | set(yte))
     ytr, yte = np.array([classes.index(c) for c in ytr]), np.array([classes.index(c) for c in yte])
     mean = represent(encoder, forward, scan_images(a.reference))[0].mean(axis=0) if a.reference else htr.mean(axis=0)
-    reps = [("features", htr, hte), ("centred", htr - mean, hte - mean), ("projection", ztr, zte)]
+    white = whitening(represent(encoder, forward, scan_images(a.reference))[0] if a.reference else htr)
+    reps = [("features", htr, hte), ("centred", htr - mean, hte - mean), ("projection", ztr, zte),
+            ("whitened", white(htr), white(hte))]
     if encoder.centre is not None:
-        reps.append(("embed (run's centre)", htr - encoder.centre, hte - encoder.centre))
+        c = encoder.centre if encoder.centre.size == htr.shape[1] else np.tile(encoder.centre, encoder.cfg.model.embed_grid ** 2)
+        reps.append(("embed (run's centre)", htr - c, hte - c))
     for name, tr, te in reps:
         print(json.dumps({"run": str(a.run), "set": str(a.knn), "representation": name,
                           "knn20": round(knn_accuracy(unit(tr), ytr, unit(te), yte, k=20), 4)}), flush=True)
@@ -146,6 +161,7 @@ def main() -> None:
     p.add_argument("--knn", type=Path, help="a labeled set with train/ and test/: score kNN instead")
     p.add_argument("--reference", type=Path, help="images for the centring mean (default: FOLDER's other images)")
     p.add_argument("--n", type=int, default=400)
+    p.add_argument("--embed-grid", type=int, default=0, help="read h on this grid (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     if a.knn:
@@ -156,7 +172,7 @@ def main() -> None:
     chosen = [files[i] for i in order[: a.n]]
     reference = (scan_images(a.reference) if a.reference
                  else [files[i] for i in order[a.n: a.n + 2000]])
-    encoder = load_encoder(a.run)
+    encoder = load_encoder(a.run, embed_grid=a.embed_grid)
     forward = forward_fn(encoder)
     kinds = ["crop", "resize", "jpeg", "colour", "mix"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +190,11 @@ def main() -> None:
     common = {"run": str(a.run), "folder": str(a.folder), "n": len(chosen), "reference": len(reference)}
     reps = [("features", unit(h), unit(hc)), ("centred", unit(h - mean), unit(hc - mean)),
             ("projection", unit(z), unit(zc))]
+    white = whitening(href)
+    reps.append(("whitened (PCA 512 of the reference)", unit(white(h)), unit(white(hc))))
     if encoder.centre is not None:  # what `embed` writes: centred on the run's training images
-        reps.append(("embed (run's centre)", unit(h - encoder.centre), unit(hc - encoder.centre)))
+        c = encoder.centre if encoder.centre.size == h.shape[1] else np.tile(encoder.centre, encoder.cfg.model.embed_grid ** 2)
+        reps.append(("embed (run's centre)", unit(h - c), unit(hc - c)))
     for name, x, y in reps:
         print(json.dumps({**common, **score(name, x, y, pairs)}), flush=True)
 

@@ -44,6 +44,42 @@ def copy_run(trained, tmp_path):
     return tmp_path / "run"
 
 
+def test_a_grid_2_run_saves_one_centre_per_cell(tmp_path):
+    """On the embedding grid each cell is centred on its own mean over the training images (the
+    cells' means differ: a corner is not the middle); read on another grid, the cells' mean serves
+    every cell; a centre of one cell for all (runs before 0.3.1) is used for every cell."""
+    import jax.numpy as jnp
+    from contrastive_cli.data.decode import decode_or_reason
+    from contrastive_cli.infer.encoder import embed_in_batches, no_centre, sharded_forward, unit_features
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    for i in range(12):  # a bright top half: the cells' means differ
+        img = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
+        img[:8] += 120
+        Image.fromarray(img).save(tmp_path / "images" / f"{i}.png")
+    cfg = TrainConfig.tiny(model=ModelConfig(image_size=16, embed_grid=2), steps=2)
+    pretrain(tmp_path / "images", cfg, tmp_path / "run", cache=False)
+    encoder = load_encoder(tmp_path / "run")
+    width = no_centre(encoder.cfg).shape[0]
+    assert encoder.centre.shape == (4 * width,) == (encoder.dim,)
+    x = np.stack([decode_or_reason(f, 16) for f in sorted((tmp_path / "images").glob("*.png"))])
+    raw = embed_in_batches(sharded_forward(encoder.graphdef, encoder.cfg, encoder._mesh, unit=False), encoder.params,
+                           encoder.stats, x, encoder._mesh, 8, centre=no_centre(encoder.cfg))
+    # From the training images as cached (24 px, resized): each cell's direction, not its numbers.
+    for got, mean in zip(encoder.centre.reshape(4, width), raw.mean(axis=0).reshape(4, width)):
+        assert float(got @ mean / np.linalg.norm(got) / np.linalg.norm(mean)) > 0.95
+    want = raw - encoder.centre
+    np.testing.assert_allclose(encoder.embed(x), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    one = load_encoder(tmp_path / "run", embed_grid=1)
+    np.testing.assert_allclose(one.centre, encoder.centre.reshape(4, width).mean(axis=0), rtol=1e-6)
+    # An [F] centre (saved before 0.3.1) is every cell's: the same as that centre tiled.
+    forward = unit_features(encoder.graphdef, encoder.cfg)
+    c = jnp.asarray(one.centre)
+    np.testing.assert_allclose(forward(encoder.params, encoder.stats, jnp.asarray(x), c),
+                               forward(encoder.params, encoder.stats, jnp.asarray(x), jnp.tile(c, 4)), atol=1e-6)
+
+
 def test_a_step_is_saved_as_model_train_and_centre_items(trained):
     (step,) = checkpoint.saved_steps(trained / "run")
     items = sorted(p.name for p in (trained / "run" / "checkpoints" / str(step)).iterdir() if p.is_dir())

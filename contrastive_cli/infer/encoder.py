@@ -3,7 +3,8 @@ that writes unit embeddings, and the embedding of single image files.
 
 Embeddings are the encoder's features h (before the projection head; SimCLR section 4.2: "the
 hidden layer before the projection head is a better representation than the layer after"), less
-the run's centre (the mean of h over its training images, saved with each checkpoint), then
+the run's centre (the mean of h over its training images, saved with each checkpoint: one per cell
+of the embedding grid since 0.3.1; runs saved before hold the grid-1 mean, used for every cell), then
 L2-normalised, so a dot product is a cosine. Features after a ReLU all share one positive
 direction, so uncentred cosines of unrelated images sit at 0.5-0.8 depending on the run; centred,
 unrelated images like the training images score near 0 and edited copies of one image near 1
@@ -42,7 +43,8 @@ class Encoder:
     params: nnx.State
     stats: nnx.State
     batch_size: int = 128
-    # float32 [F]: subtracted from h before normalising (None: a run saved without one)
+    # float32 [G*G*F] (one per grid cell) or [F] (every cell's, as runs before 0.3.1 saved it):
+    # subtracted from h before normalising (None: a run saved without one)
     centre: np.ndarray | None = None
     # What loading had to say (a newest checkpoint that could not be read, passed over): for the CLI
     # to show; the library prints nothing.
@@ -75,9 +77,9 @@ class Encoder:
 
 
 def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig, *, unit: bool = True):
-    """(params, stats, uint8 images [B, S, S, 3], centre [F]) -> their embeddings [B, feature_dim]:
-    h less the centre (each grid cell's), unit rows: what `embed` writes and every kNN (evaluate,
-    the pretrain probe) compares. `unit=False`: h itself (the centre is not used)."""
+    """(params, stats, uint8 images [B, S, S, 3], centre [G*G*F] or [F]) -> their embeddings
+    [B, feature_dim]: h less the centre (per cell, or [F] for every cell), unit rows: what `embed`
+    writes and every kNN (evaluate, the pretrain probe) compares. `unit=False`: h itself."""
     grid = cfg.model.embed_grid
 
     def forward(params, stats, images, centre):
@@ -85,7 +87,8 @@ def unit_features(graphdef: nnx.GraphDef, cfg: TrainConfig, *, unit: bool = True
         h = model.embed(augment.normalize(images, cfg.augment), grid)
         if not unit:
             return h
-        h = h - jnp.tile(centre, grid * grid)  # [B, G*G*F]: cells in row-major order, F each
+        # [B, G*G*F]: cells in row-major order, F each
+        h = h - (centre if centre.shape[-1] == h.shape[-1] else jnp.tile(centre, grid * grid))
         return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
 
     return forward
@@ -104,16 +107,18 @@ CENTRE_IMAGES = 256  # training images averaged for a run's centre: a forward pa
 
 
 def feature_mean(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh, params, stats, images: np.ndarray) -> np.ndarray:
-    """float32 [F]: the mean of h (the global average pool, grid 1) over up to CENTRE_IMAGES of
-    `images` (uint8 [N, R, R, 3], any R: resized to the model's size as embed's decoding would
-    give, near enough), chosen with cfg.seed. Every process passes the same rows (a collective)."""
+    """float32 [G*G*F]: the mean of h on the run's embedding grid, per cell, over up to
+    CENTRE_IMAGES of `images` (uint8 [N, R, R, 3], any R: resized to the model's size as embed's
+    decoding would give, near enough), chosen with cfg.seed. Every process passes the same rows (a
+    collective). Per cell, because the cells' means differ (a corner is not the middle): centred on
+    the global mean alone, unrelated images of a grid-2 run still scored 0.23-0.48 (BENCHMARKS.md,
+    "Session 14"), per cell about 0."""
     pick = np.random.default_rng(cfg.seed).permutation(len(images))[:CENTRE_IMAGES]
     sample = np.asarray(images[np.sort(pick)])
     size = cfg.model.image_size
     if sample.shape[1:3] != (size, size):
         sample = np.asarray(_resize(jnp.asarray(sample), size))
-    one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_grid=1))
-    forward = sharded_forward(graphdef, one, mesh, unit=False)
+    forward = sharded_forward(graphdef, cfg, mesh, unit=False)
     h = embed_in_batches(forward, params, stats, sample, mesh, 256, centre=no_centre(cfg))
     return h.mean(axis=0).astype(np.float32)
 
@@ -125,7 +130,7 @@ def _resize(images, size: int):
 
 
 def no_centre(cfg: TrainConfig) -> np.ndarray:
-    """Zeros [F]: embeddings of h itself, as runs without a centre give."""
+    """Zeros [F] (for every cell): embeddings of h itself, as runs without a centre give."""
     return np.zeros(feature_dim(dataclasses.replace(cfg.model, embed_grid=1)), np.float32)
 
 
@@ -160,16 +165,29 @@ def load_encoder(run_dir: Path, *, batch_size: int = 128, embed_grid: int = 0, c
     """
     run_dir = Path(run_dir)
     cfg = checkpoint.read_config(run_dir)
+    saved_grid = cfg.model.embed_grid
     model = dict(embed_grid=embed_grid or cfg.model.embed_grid, conv=resolve(conv or cfg.model.conv))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
     graphdef, abstract = _abstract_model(cfg)
     notes: list[str] = []
     step, restored = checkpoint.restore_model(run_dir, abstract, warn=notes.append)
-    centre = restored["centre"]
-    if centre is not None and centre.shape != no_centre(cfg).shape:
-        raise CheckpointError(f"checkpoint {run_dir} step {step}: its centre has shape {centre.shape}, "
-                              f"not that of the model's {no_centre(cfg).shape[0]} features")
+    centre = _centre_for(restored["centre"], cfg, saved_grid, run_dir, step)
     return Encoder(cfg, run_dir, step, graphdef, restored["params"], restored["stats"], batch_size, centre, notes)
+
+
+def _centre_for(centre: np.ndarray | None, cfg: TrainConfig, saved_grid: int, run_dir: Path, step: int):
+    """The saved centre as `cfg`'s grid uses it: per cell when saved on that grid; the mean of the
+    saved cells ([F], for every cell) when read on another grid (`embed_grid` overridden); [F] as
+    runs before 0.3.1 saved it."""
+    if centre is None:
+        return None
+    width = no_centre(cfg).shape[0]
+    if centre.shape == (saved_grid * saved_grid * width,) and saved_grid > 1:
+        return centre if cfg.model.embed_grid == saved_grid else centre.reshape(-1, width).mean(axis=0)
+    if centre.shape != (width,):
+        raise CheckpointError(f"checkpoint {run_dir} step {step}: its centre has shape {centre.shape}, not that "
+                              f"of the model's {width} features (or {saved_grid}x{saved_grid} cells of them)")
+    return centre
 
 
 def random_encoder(cfg: TrainConfig, *, batch_size: int = 128) -> Encoder:

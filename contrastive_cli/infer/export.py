@@ -232,7 +232,7 @@ def _flat(state, prefix: str) -> dict[str, np.ndarray]:
 
 
 def safetensors_bytes(encoder, about: dict) -> bytes:
-    """Parameters ("params." + path), BatchNorm statistics ("stats." + path) and "centre" [F]."""
+    """Parameters ("params." + path), BatchNorm statistics ("stats." + path) and "centre" ([G*G*F] or [F])."""
     from safetensors.numpy import save
 
     tensors = {**_flat(encoder.params, "params."), **_flat(encoder.stats, "stats.")}
@@ -240,7 +240,7 @@ def safetensors_bytes(encoder, about: dict) -> bytes:
         tensors["centre"] = np.asarray(encoder.centre, np.float32)
     names = {"params.*": "trainable parameters; conv kernels HWIO, dense kernels [in, out] (Flax layout)",
              "stats.*": "BatchNorm running mean and var (inference mode uses them; epsilon 1e-5)",
-             "centre": "float32 [F]: subtracted from the features before L2 normalisation (absent: zero)",
+             "centre": "float32 [G*G*F] (per embedding-grid cell) or [F] (every cell): subtracted from the features before L2 normalisation (absent: zero)",
              "images": "NHWC uint8; x / 255, less config.augment.mean, over config.augment.std"}
     meta = {METADATA_KEY: json.dumps(dict(about, names=names))}
     return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
