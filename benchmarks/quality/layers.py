@@ -11,6 +11,10 @@ concatenates them (each block weighs the same in a cosine), and scores them as h
 Readouts are named by their blocks: "4g2" = layer 4 on a 2 x 2 grid (what embed writes today, but
 centred on the train split instead of the run's saved centre); "3g2+4g2" = both blocks. One JSON line
 per (run, readout), appended to --out; runs already there are skipped.
+
+`--peer` reads the peer's runs of the tag instead (`<set>-lightly-s<seed>`: the embeddings the peer
+script wrote, its backbone's global average): one block, "h", so readouts "h", "h/pca256", "h/pcaw256"
+(the same centring, PCA and whitening as ours get).
 """
 from __future__ import annotations
 
@@ -107,21 +111,28 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path(".bench/quality"))
     p.add_argument("--tag", required=True)
     p.add_argument("--out", type=Path, default=Path("layers.jsonl"))
-    p.add_argument("--readouts", nargs="+", default=list(READOUTS))
+    p.add_argument("--readouts", nargs="+", default=None, help="default: all of READOUTS (--peer: h h/pcaw256)")
+    p.add_argument("--peer", action="store_true", help="the tag's lightly runs, not ours")
     a = p.parse_args()
-    runs = [r for r in sorted((a.root / "runs" / a.tag).glob("*-ours-s*")) if (r / "summary.json").exists()]
+    a.readouts = a.readouts or (["h", "h/pca256", "h/pcaw256"] if a.peer else list(READOUTS))
+    kind = "lightly" if a.peer else "ours"
+    runs = sorted((a.root / "runs" / a.tag).glob(f"*-{kind}-s*"))
+    runs = [r for r in runs if (r / "test.npy").exists()] if a.peer else [r for r in runs if (r / "summary.json").exists()]
     if not runs:
         sys.exit(f"no finished runs under {a.root / 'runs' / a.tag}: run harness.py --tag {a.tag} first")
     done = set()
     if a.out.exists():
         done = {(r["tag"], r["set"], r["seed"]) for r in map(json.loads, a.out.read_text().splitlines())}
     for run in runs:
-        name, seed = run.name.split("-ours-s")
+        name, seed = run.name.split(f"-{kind}-s")
         if (a.tag, name, int(seed)) in done:
             continue
         classes = classes_of(a.root / name)
         cache = run / "layers.npz"  # the maps, kept: a new readout reruns in seconds
-        if cache.exists():
+        if a.peer:
+            (tr, ptr), (te, pte) = [({"h": np.load(run / f"{s}.npy")}, json.loads((run / f"{s}.json").read_text())["paths"])
+                                    for s in ("train", "test")]
+        elif cache.exists():
             z = np.load(cache, allow_pickle=True)
             (tr, ptr), (te, pte) = [({k[len(s) + 1:]: z[k] for k in z.files if k.startswith(s + ":")}, list(z[s + "-paths"]))
                                     for s in ("train", "test")]
@@ -131,7 +142,7 @@ def main() -> None:
                      **{"train-paths": np.asarray(ptr), "test-paths": np.asarray(pte)})
         for r in a.readouts:
             xtr, xte = readout(r, tr, te)
-            row = {"tag": a.tag, "set": name, "seed": int(seed), "readout": r,
+            row = {"tag": a.tag, "set": name, "seed": int(seed), "method": kind, "readout": r,
                    **score(xtr, labels_of(ptr, classes), xte, labels_of(pte, classes), int(seed)),
                    "loadavg": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             print(json.dumps(row), flush=True)
