@@ -85,6 +85,18 @@ def pixels(folder: Path, paths: list[str]) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
 
+def emit(out: Path, row: dict) -> None:
+    """One result: the machine's load and the time added, printed and appended to `out` (JSON lines)."""
+    row = {**row, "loadavg": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def run_logged(cmd: list[str], log: Path) -> str:
     """Run `cmd`, its stderr to `log`; return stdout. A failure exits with the log's tail."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -198,11 +210,8 @@ def main() -> None:
         row = {"tag": a.tag, "set": name, "method": method, "seed": seed,
                "minutes": 0 if method == "pixels" or (a.steps and method.startswith("ours")) else a.minutes,
                **result, **info,
-               "extra": a.extra if method.startswith("ours") else "", "loadavg": round(os.getloadavg()[0], 2),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        print(json.dumps(row), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+               "extra": a.extra if method.startswith("ours") else ""}
+        emit(a.out, row)
 
     def classes(name: str) -> list[str]:
         return sorted(manifests[name]["classes"])

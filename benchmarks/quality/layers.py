@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from harness import classes_of, image_paths, labels_of, score  # noqa: E402
+from harness import classes_of, emit, image_paths, labels_of, score, unit  # noqa: E402
 
 READOUTS = ("4g1", "4g2", "4g4", "3g2+4g2", "3g4+4g2", "3g4+4g4", "2g4+3g4+4g2", "3g2+4g1", "3g4+4g1",
             "4g4/pca1024", "4g4/pcaw1024", "3g4+4g4/pca1024", "3g4+4g4/pcaw1024", "4g4/pca256")
@@ -76,9 +74,6 @@ def maps(run: Path, folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
             rows[b].append(np.asarray(got[b]))
     return {b: np.concatenate(v) for b, v in rows.items()}, kept
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def readout(name: str, train: dict, test: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +138,8 @@ def main() -> None:
         for r in a.readouts:
             xtr, xte = readout(r, tr, te)
             row = {"tag": a.tag, "set": name, "seed": int(seed), "method": kind, "readout": r,
-                   **score(xtr, labels_of(ptr, classes), xte, labels_of(pte, classes), int(seed)),
-                   "loadavg": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            print(json.dumps(row), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                   **score(xtr, labels_of(ptr, classes), xte, labels_of(pte, classes), int(seed))}
+            emit(a.out, row)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from harness import classes_of, image_paths, labels_of, score  # noqa: E402
+from harness import classes_of, emit, image_paths, labels_of, score, unit  # noqa: E402
 
 READOUTS = ("grid1", "grid2", "grid1-std", "grid2-std")
 
@@ -49,9 +47,6 @@ def features(run: Path, folder: Path, grid: int) -> tuple[np.ndarray, list[str]]
             kept_all += kept
     return np.concatenate(rows), kept_all
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def main() -> None:
@@ -82,11 +77,8 @@ def main() -> None:
                 spread = np.maximum(xtr.std(axis=0), 1e-6)
                 xtr, xte = unit(xtr / spread), unit(xte / spread)
             row = {"tag": a.tag, "set": name, "seed": int(seed), "readout": readout,
-                   **score(xtr, labels_of(ptr, classes), xte, labels_of(pte, classes), int(seed)),
-                   "loadavg": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            print(json.dumps(row), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                   **score(xtr, labels_of(ptr, classes), xte, labels_of(pte, classes), int(seed))}
+            emit(a.out, row)
 
 
 if __name__ == "__main__":
