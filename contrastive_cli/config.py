@@ -233,7 +233,8 @@ class TrainConfig:
         data = dict(data)
         # A key missing from an older config keeps the default that version trained and embedded with.
         model = _known(ModelConfig, data.pop("model", {}))
-        if "stem" not in model:  # before 0.3.1: resnet50 took the ImageNet stem from 96 px, resnet18 never
+        if "stem" not in model and str(model.get("encoder", "")).startswith("resnet"):
+            # before 0.3.1: resnet50 took the ImageNet stem from 96 px, resnet18 never
             legacy = model.get("encoder") == "resnet50" and model.get("image_size", 32) >= IMAGENET_STEM_FROM
             model["stem"] = "imagenet" if legacy else "small"
         model = ModelConfig(**{**_BEFORE_0_2_2["model"], **model})

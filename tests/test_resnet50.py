@@ -64,6 +64,7 @@ def test_a_stem_can_be_chosen_and_old_configs_keep_theirs():
     old = lambda encoder, size: TrainConfig.from_json({"model": {"encoder": encoder, "image_size": size}}).model
     assert old("resnet18", 224).stem == "small" and old("resnet18", 224).feature_side == 28
     assert old("resnet50", 224).stem == "imagenet" and old("resnet50", 64).stem == "small"
+    assert old("small", 32).stem == "auto" == ModelConfig().resolved().stem  # no stem: recorded alike
 
 
 def test_a_grid_larger_than_resnet50s_map_is_refused():
