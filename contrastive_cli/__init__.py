@@ -13,7 +13,7 @@ loaded when first used:
     export(run, "onnx", "encoder.onnx")    write the encoder for use elsewhere (infer/export.py)
 """
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 _LAZY = {"pretrain": "train.loop", "embed_folder": "infer.embed", "similarity": "infer.embed",
          "similarity_pairs": "infer.embed",

@@ -4,7 +4,9 @@
     RUN/checkpoints/<step>/model/    {"params", "stats"}: all an encoder needs
     RUN/checkpoints/<step>/train/    {"opt", "step", "total"}: what resuming needs besides
     RUN/checkpoints/<step>/centre/   {"mean"}: the mean feature over training images, which embed
-                                     subtracts (infer/encoder.py); runs before 0.2.1 have none
+                                     subtracts (infer/encoder.py); runs before 0.2.1 have none;
+                                     since 0.4.0 also {"white_mean", "white_matrix"}: the
+                                     whitening embed applies next (infer/whiten.py)
 
 Loading an encoder reads `model` alone, so inference never builds an optimizer. Runs written
 before this layout hold one item, `default`, with both; they still load (`model` is read from it
@@ -79,10 +81,10 @@ def manager(run_dir: Path, keep: int = 2):
                                  options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
-def save(mngr, step: int, state: dict, centre=None) -> None:
+def save(mngr, step: int, state: dict, centre=None, whitening=None) -> None:
     """Start saving `state` at `step` (asynchronous; `finish(mngr)` to block), with the feature
-    `centre` ([F] array) when given. A failure of this or of the previous save (they surface here)
-    is a CheckpointError."""
+    `centre` ([G*G*F] array) and `whitening` ((mean, matrix) arrays) when given. A failure of this
+    or of the previous save (they surface here) is a CheckpointError."""
     ocp = _ocp()
     model = {k: state[k] for k in MODEL_KEYS}
     train = {k: state[k] for k in TRAIN_KEYS}
@@ -90,7 +92,10 @@ def save(mngr, step: int, state: dict, centre=None) -> None:
     if centre is not None:
         import numpy as np
 
-        items[CENTRE_ITEM] = ocp.args.StandardSave({"mean": np.asarray(centre, np.float32)})
+        readout = {"mean": np.asarray(centre, np.float32)}
+        if whitening is not None:
+            readout["white_mean"], readout["white_matrix"] = (np.asarray(w, np.float32) for w in whitening)
+        items[CENTRE_ITEM] = ocp.args.StandardSave(readout)
     try:
         mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:
@@ -290,28 +295,34 @@ def _restore_state_at(where: Path, abstract_state: dict) -> dict:
 
 def restore_model(run_dir: Path, abstract_model: dict, step: int | None = None, *,
                   warn: Callable[[str], None] | None = None) -> tuple[int, dict]:
-    """(step, {"params", "stats", "centre"}) of the latest (or given) checkpoint, into
+    """(step, {"params", "stats", "centre", "whitening"}) of the latest (or given) checkpoint, into
     `abstract_model`'s structure, shapes and shardings; "centre" is a float32 [F] numpy array, or
-    None for a step saved without one. Reads no optimizer state.
+    None for a step saved without one; "whitening" (mean, matrix) float32 numpy arrays, or None
+    (steps saved before 0.4.0). Reads no optimizer state.
 
     Without `step`, a newest checkpoint that cannot be read is passed over for the next older one
     that can, and `warn` (when given) gets one line saying so. Nothing restores: CheckpointError.
     """
     return _newest_that_restores(
-        run_dir, step, lambda where: {**_restore_model_at(where, abstract_model), "centre": _restore_centre_at(where)}, warn)
+        run_dir, step, lambda where: {**_restore_model_at(where, abstract_model), **_restore_readout_at(where)}, warn)
 
 
-def _restore_centre_at(where: Path):
-    """float32 [F] numpy array: the feature centre saved in the step folder `where`, or None."""
+def _restore_readout_at(where: Path) -> dict:
+    """{"centre": float32 [F] numpy array or None, "whitening": (mean, matrix) or None}: what the
+    step folder `where` saved of them."""
     import numpy as np
 
     if not (where / CENTRE_ITEM).is_dir():
-        return None
+        return {"centre": None, "whitening": None}
     _check_digest(where, CENTRE_ITEM)
     try:
-        return np.asarray(_ocp().StandardCheckpointer().restore(where / CENTRE_ITEM)["mean"], np.float32)
+        saved = _ocp().StandardCheckpointer().restore(where / CENTRE_ITEM)
     except Exception as e:
         raise CheckpointError(f"checkpoint {where} cannot be read: {reason(e)}") from None
+    whitening = None
+    if "white_matrix" in saved:
+        whitening = (np.asarray(saved["white_mean"], np.float32), np.asarray(saved["white_matrix"], np.float32))
+    return {"centre": np.asarray(saved["mean"], np.float32), "whitening": whitening}
 
 
 def restore_state(run_dir: Path, abstract_state: dict, step: int | None = None, *,

@@ -13,6 +13,11 @@ from typing import Any
 from .errors import ConfigError
 
 ENCODERS = ("small", "resnet18", "resnet50")
+ENCODER_FEATURES = {"small": 256, "resnet18": 512, "resnet50": 2048}  # each one's feature width (nn/models.py)
+# The default embedding grid: the finest up to EMBED_GRID_MAX x EMBED_GRID_MAX that the last feature map
+# holds, within EMBED_FEATURES_MAX features (the whitening is fitted on them). On the small CNN at 32 px
+# a 4 x 4 grid whitened scored kNN 0.700 against 0.683 for 2 x 2 (BENCHMARKS.md, "Session 14").
+EMBED_GRID_MAX, EMBED_FEATURES_MAX = 4, 8192
 IMAGENET_STEM_FROM = 96  # ResNet images of this side or more get torchvision's ImageNet stem (nn/models.py)
 STEMS = ("auto", "small", "imagenet")  # a ResNet's first layers; "auto": by image size, resolved when a run starts
 LOSSES = ("ntxent", "cosine", "dcl", "sigmoid")
@@ -85,9 +90,10 @@ class ModelConfig:
     image_size: int = 32
     proj_hidden: int = 0  # 0: the encoder's feature width, as lightly's SimCLR sets it
     proj_dim: int = 128
-    # Embeddings pool the last feature map on an embed_grid x embed_grid grid (1: global average).
+    # Embeddings pool the last feature map on an embed_grid x embed_grid grid (1: global average; 0:
+    # the default for the encoder and image size, `default_grid`, made explicit when the config is made).
     # Training never sees it: the projection head always takes the global average.
-    embed_grid: int = 2
+    embed_grid: int = 0
     # Which convolution runs (CONVS): the same maths to float rounding, different speed.
     conv: str = "xla"
     # A ResNet's stem (STEMS): "small" (3x3/1 conv, no pool), "imagenet" (torchvision's 7x7/2 conv and
@@ -108,6 +114,8 @@ class ModelConfig:
             raise ConfigError(f"image size {self.image_size} is too small; use at least 16 pixels")
         if self.proj_dim < 1 or self.proj_hidden < 0:
             raise ConfigError(f"projection sizes hidden={self.proj_hidden} dim={self.proj_dim} must be positive")
+        if self.embed_grid == 0:
+            object.__setattr__(self, "embed_grid", self.default_grid)  # recorded as the grid used
         if not 1 <= self.embed_grid <= self.feature_side:
             raise ConfigError(f"embedding grid {self.embed_grid} must be between 1 and {self.feature_side}, the side "
                               f"of the encoder's last feature map at image size {self.image_size}")
@@ -127,6 +135,15 @@ class ModelConfig:
         if self.stem != "auto" or not self.encoder.startswith("resnet"):
             return self
         return dataclasses.replace(self, stem="imagenet" if self.imagenet_stem else "small")
+
+    @property
+    def default_grid(self) -> int:
+        """The finest grid up to EMBED_GRID_MAX the last feature map holds, within EMBED_FEATURES_MAX
+        features: 4 for the small CNN and ResNet-18 from 32 px, 2 at 16 px; 2 for ResNet-50."""
+        grid = min(EMBED_GRID_MAX, self.feature_side)
+        while grid > 1 and grid * grid * ENCODER_FEATURES[self.encoder] > EMBED_FEATURES_MAX:
+            grid -= 1
+        return grid
 
     @property
     def feature_side(self) -> int:

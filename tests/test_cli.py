@@ -76,7 +76,7 @@ def test_embed_then_similarity(trained, tmp_path):
     assert result.exit_code == 0, result.output
     emb = np.load(out)
     index = json.loads(out.with_suffix(".json").read_text())
-    assert emb.shape == (24, 1024) and emb.dtype == np.float32  # 256 features on the default 2 x 2 grid
+    assert emb.shape == (24, 1024) and emb.dtype == np.float32  # 256 features on the default grid at 16 px (2 x 2), too few images to whiten
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert index["dim"] == 1024 and index["normalized"] is True and len(index["paths"]) == 24
     assert index["paths"] == sorted(index["paths"]) and index["paths"][0] == "a/img001.png"

@@ -9,7 +9,7 @@ from test_cli import write_images
 from typer.testing import CliRunner
 
 from contrastive_cli.cli import app
-from contrastive_cli.config import ConfigError, ModelConfig, TrainConfig
+from contrastive_cli.config import ENCODER_FEATURES, ConfigError, ModelConfig, TrainConfig
 from contrastive_cli.nn.models import grid_pool
 from contrastive_cli.train.optim import make_optimizer
 from contrastive_cli.train.state import init_state
@@ -52,10 +52,26 @@ def test_grid_cells_average_to_the_features_the_head_is_trained_on():
     np.testing.assert_allclose(np.asarray(model.embed(x)), np.asarray(h), rtol=1e-6)
 
 
-@pytest.mark.parametrize(("size", "grid"), [(32, 0), (32, 5), (16, 3)])
+@pytest.mark.parametrize(("size", "grid"), [(32, -1), (32, 5), (16, 3)])
 def test_grid_must_fit_the_feature_map(size, grid):
     with pytest.raises(ConfigError, match=f"embedding grid {grid} must be between 1 and {-(-size // 8)}"):
         ModelConfig(image_size=size, embed_grid=grid)
+
+
+@pytest.mark.parametrize(("encoder", "size", "grid"), [("small", 32, 4), ("small", 16, 2), ("small", 96, 4),
+                                                       ("resnet18", 32, 4), ("resnet18", 224, 4), ("resnet50", 224, 2),
+                                                       ("resnet50", 32, 2)])
+def test_the_default_grid_is_the_finest_the_map_holds_within_8192_features(encoder, size, grid):
+    model = ModelConfig(encoder=encoder, image_size=size)
+    assert model.embed_grid == grid  # made explicit: config.json records the grid used
+    assert grid <= model.feature_side and grid * grid * ENCODER_FEATURES[encoder] <= 8192
+    assert ModelConfig(encoder=encoder, image_size=size, embed_grid=1).embed_grid == 1
+
+
+def test_encoder_feature_widths_are_the_models():
+    from contrastive_cli.nn.models import ENCODERS
+
+    assert {name: cls.features for name, cls in ENCODERS.items()} == ENCODER_FEATURES
 
 
 @pytest.mark.slow

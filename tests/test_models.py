@@ -36,7 +36,7 @@ def test_model_outputs_h_and_z(encoder, features, train):
     h, z = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=train), state, _x())
     assert (h.shape, h.dtype) == ((B, features), jnp.float32)
     assert (z.shape, z.dtype) == ((B, 64), jnp.float32)
-    assert model.encoder.features == features and feature_dim(cfg) == 4 * features  # the default 2 x 2 grid
+    assert model.encoder.features == features and feature_dim(cfg) == 16 * features  # the default 4 x 4 grid at 32 px
     assert feature_dim(dataclasses.replace(cfg, embed_grid=1)) == features
     # The head's hidden layer: the encoder's width by default, proj_hidden when given.
     assert model.head.fc1.kernel.shape == (features, features)

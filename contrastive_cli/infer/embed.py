@@ -205,17 +205,19 @@ class _Writes:
         self.write = f.write
 
 
-def iter_embeddings(encoder, folder: Path, files: list[Path], *, on_progress=None):
+def iter_embeddings(encoder, folder: Path, files: list[Path], *, on_progress=None, whiten: bool = True):
     """Decode and embed `files` CHUNK at a time: yields (kept paths, skipped, uint8 images, features).
+    `whiten=False` (a Flax Encoder's option): the features before the run's whitening.
 
     Memory holds one chunk of images, whatever the folder size.
     """
+    opts = {} if whiten else {"whiten": False}
     with decode_pool() as pool:
         for start in range(0, len(files), CHUNK):
             images, kept, bad = decode_files(folder, files[start:start + CHUNK], encoder.image_size, pool=pool,
                                              on_progress=on_progress, progress_offset=start,
                                              progress_total=len(files))
-            yield kept, bad, images, (encoder.embed(images) if kept else None)
+            yield kept, bad, images, (encoder.embed(images, **opts) if kept else None)
 
 
 def _tell(encoder, on_warning: Callable[[str], None] | None) -> None:

@@ -5,7 +5,9 @@ Protocols (the usual ones for self-supervised representations):
   vote for their class with weight exp(s / 0.07); streamed in chunks by `search.top_k`, so memory
   never holds a test x train matrix.
 - Linear probe: multinomial logistic regression on frozen, standardised features, trained with
-  optax (Adam, minibatches, weight decay), one jit-compiled loop.
+  optax (Adam, minibatches, weight decay), one jit-compiled loop. It reads the features before the
+  run's whitening (infer/whiten.py): a probe learns its own scaling, and whitened unit rows cost it
+  3.9 points (BENCHMARKS.md, "Session 14"); kNN reads what `embed` writes.
 Both are also reported on raw pixels (downsampled to at most 32 x 32) as the floor to beat.
 """
 from __future__ import annotations
@@ -29,9 +31,10 @@ RAW_SIZE = 32
 
 @dataclass
 class Features:
-    """Row i: embedding (unit), raw pixels (unit), class index, path."""
+    """Row i: embedding (unit), the features before whitening (unit), raw pixels (unit), class index, path."""
 
-    emb: np.ndarray  # float32 [N, F]
+    emb: np.ndarray  # float32 [N, D]: what `embed` writes
+    feat: np.ndarray  # float32 [N, G*G*F]: before the run's whitening (emb itself for a run without one)
     raw: np.ndarray  # float32 [N, P]
     labels: np.ndarray  # int64 [N]
     paths: list[str]
@@ -57,8 +60,8 @@ def labeled_features(encoder: Encoder, folder: Path, classes: list[str] | None =
     _, found = class_labels([f.relative_to(folder).as_posix() for f in files], folder, min_classes=1)
     names = classes or found
     lookup = {c: i for i, c in enumerate(names)}
-    emb, raw, labels, paths, skipped = [], [], [], [], []
-    for kept, bad, images, feats in iter_embeddings(encoder, folder, files, on_progress=on_progress):
+    emb, feat, raw, labels, paths, skipped = [], [], [], [], [], []
+    for kept, bad, images, feats in iter_embeddings(encoder, folder, files, on_progress=on_progress, whiten=False):
         skipped += bad
         if not kept:
             continue
@@ -66,13 +69,15 @@ def labeled_features(encoder: Encoder, folder: Path, classes: list[str] | None =
         unknown = sorted(set(cls) - lookup.keys())
         if unknown:
             raise InputError(f"class {unknown[0]!r} in {folder} is not among the training classes")
-        emb.append(feats)
+        emb.append(encoder.whiten(feats))
+        feat.append(feats)
         raw.append(_raw_pixels(images))
         labels += [lookup[c] for c in cls]
         paths += kept
     if not paths:
         raise no_usable_image(folder, len(files), skipped)
-    return Features(np.concatenate(emb), np.concatenate(raw), np.asarray(labels), paths, skipped), names
+    return Features(np.concatenate(emb), np.concatenate(feat), np.concatenate(raw), np.asarray(labels), paths,
+                    skipped), names
 
 
 def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
@@ -144,8 +149,8 @@ def evaluate(
     if folder is not None:
         feats, classes = labeled_features(encoder, folder, on_progress=on_progress)
         tr, te = stratified_split(feats.labels, test_fraction, seed=seed)
-        a = Features(feats.emb[tr], feats.raw[tr], feats.labels[tr], [feats.paths[i] for i in tr], feats.skipped)
-        b = Features(feats.emb[te], feats.raw[te], feats.labels[te], [feats.paths[i] for i in te], [])
+        a, b = (Features(feats.emb[i], feats.feat[i], feats.raw[i], feats.labels[i], [feats.paths[j] for j in i], bad)
+                for i, bad in ((tr, feats.skipped), (te, [])))
     else:
         a, classes = labeled_features(encoder, train_dir, on_progress=on_progress)
         b, _ = labeled_features(encoder, test_dir, classes=classes, on_progress=on_progress)
@@ -156,7 +161,7 @@ def evaluate(
         "dim": encoder.dim, "classes": len(classes),
         "n_train": len(a.labels), "n_test": len(b.labels), "k": k,
         "knn": knn_accuracy(a.emb, a.labels, b.emb, b.labels, k=k),
-        "linear": linear_probe_accuracy(a.emb, a.labels, b.emb, b.labels, seed=seed),
+        "linear": linear_probe_accuracy(a.feat, a.labels, b.feat, b.labels, seed=seed),
         "skipped": len(a.skipped) + len(b.skipped),
     }
     if raw:

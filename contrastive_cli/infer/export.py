@@ -1,7 +1,7 @@
 """A trained encoder written out for use outside this package: ONNX, safetensors, StableHLO.
 
 Every format holds the function `embed` runs: images in, the run's embeddings out (h on the run's
-embedding grid, less the run's centre, L2-normalised; infer/encoder.py), with the preprocessing
+embedding grid, less the run's centre, L2-normalised, whitened; infer/encoder.py), with the preprocessing
 (`/ 255`, the run's mean and std) inside, so a user cannot get the normalisation wrong.
 
     onnx         encoder.onnx: input "images" [B, S, S, 3] uint8 (or float32 in 0..1, or NCHW),
@@ -9,7 +9,7 @@ embedding grid, less the run's centre, L2-normalised; infer/encoder.py), with th
                  convolution (the speed wing's kernels are CPU-only tricks). Metadata "contrastive"
                  (JSON) says image size, input, layout and the run it came from.
     safetensors  every parameter and BatchNorm statistic of the model (encoder and projection head)
-                 plus the centre, named by their place in the Flax model ("encoder.layers.0.conv.kernel";
+                 plus the centre and whitening, named by their place in the Flax model ("encoder.layers.0.conv.kernel";
                  kernels HWIO, dense [in, out]); the header's metadata "contrastive" holds the
                  architecture (the run's config.json) and what the names mean. `read_safetensors`
                  loads it back into the Flax model.
@@ -108,14 +108,14 @@ def describe(encoder) -> dict:
 
 
 def embedding_function(encoder):
-    """uint8 [B, S, S, 3] -> float32 [B, F] unit rows, the weights and centre inside: `embed`'s function."""
+    """uint8 [B, S, S, 3] -> float32 [B, D] unit rows, the weights, centre and whitening inside: `embed`'s function."""
     forward, weights = weighted_function(encoder)
     return lambda images: forward(weights, images)
 
 
 def weighted_function(encoder):
     """(forward(weights, images), weights): `embedding_function` with its arrays (a list: the
-    parameters, BatchNorm statistics and centre, flattened) as an argument."""
+    parameters, BatchNorm statistics, centre and whitening, flattened) as an argument."""
     import jax
     import jax.numpy as jnp
 
@@ -123,11 +123,12 @@ def weighted_function(encoder):
 
     forward = unit_features(encoder.graphdef, encoder.cfg)
     centre = jnp.asarray(encoder.centre if encoder.centre is not None else no_centre(encoder.cfg))
-    leaves, tree = jax.tree.flatten((encoder.params, encoder.stats, centre))
+    whitening = None if encoder.whitening is None else tuple(jnp.asarray(w) for w in encoder.whitening)
+    leaves, tree = jax.tree.flatten((encoder.params, encoder.stats, centre, whitening))
 
     def with_weights(weights, images):
-        params, stats, centre_ = jax.tree.unflatten(tree, weights)
-        return forward(params, stats, images, centre_)
+        params, stats, centre_, whitening_ = jax.tree.unflatten(tree, weights)
+        return forward(params, stats, images, centre_, whitening_)
 
     return with_weights, leaves
 
@@ -232,15 +233,19 @@ def _flat(state, prefix: str) -> dict[str, np.ndarray]:
 
 
 def safetensors_bytes(encoder, about: dict) -> bytes:
-    """Parameters ("params." + path), BatchNorm statistics ("stats." + path) and "centre" ([G*G*F] or [F])."""
+    """Parameters ("params." + path), BatchNorm statistics ("stats." + path), "centre" ([G*G*F] or
+    [F]) and the whitening ("whiten.mean" [G*G*F], "whiten.matrix" [G*G*F, K])."""
     from safetensors.numpy import save
 
     tensors = {**_flat(encoder.params, "params."), **_flat(encoder.stats, "stats.")}
     if encoder.centre is not None:
         tensors["centre"] = np.asarray(encoder.centre, np.float32)
+    if encoder.whitening is not None:
+        tensors["whiten.mean"], tensors["whiten.matrix"] = (np.asarray(w, np.float32) for w in encoder.whitening)
     names = {"params.*": "trainable parameters; conv kernels HWIO, dense kernels [in, out] (Flax layout)",
              "stats.*": "BatchNorm running mean and var (inference mode uses them; epsilon 1e-5)",
              "centre": "float32 [G*G*F] (per embedding-grid cell) or [F] (every cell): subtracted from the features before L2 normalisation (absent: zero)",
+             "whiten.*": "then, when present: less whiten.mean, times whiten.matrix, L2-normalised again (the embedding)",
              "images": "NHWC uint8; x / 255, less config.augment.mean, over config.augment.std"}
     meta = {METADATA_KEY: json.dumps(dict(about, names=names))}
     return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
@@ -277,4 +282,5 @@ def read_safetensors(path: Path, *, batch_size: int = 128):
             v.set_value(jnp.asarray(arrays[name]))
         loaded.append(state)
     centre = arrays.get("centre")
-    return Encoder(cfg, path, int(meta.get("step", 0)), graphdef, loaded[0], loaded[1], batch_size, centre)
+    whitening = (arrays["whiten.mean"], arrays["whiten.matrix"]) if "whiten.matrix" in arrays else None
+    return Encoder(cfg, path, int(meta.get("step", 0)), graphdef, loaded[0], loaded[1], batch_size, centre, whitening)

@@ -25,7 +25,7 @@ from ..data.decode import ImageSet, load_folder
 from ..data.prefetch import Prefetcher
 from ..data.scan import LOCK_NAME
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
-from ..infer.encoder import feature_mean
+from ..infer.encoder import readout_stats
 from ..mesh import (
     JOIN_TIMEOUT,
     agree,
@@ -339,7 +339,7 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
     check = FiniteCheck(start)
     step = start
     proposal = None  # a new step total from the time budget, not yet agreed on
-    centre = None  # the feature centre of this step's state, once computed (probe, save)
+    readout = None  # (centre, whitening) of this step's state, once computed (probe, save)
     ended = False
     try:
         loop_t0 = time.perf_counter()
@@ -367,21 +367,21 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
                         tree["total"] = jax.device_put(jnp.int32(total), replicated(mesh))
                 is_eval = probe is not None and not stop and (
                     step == total or bool(cfg.eval_every and step % cfg.eval_every == 0))
-                record = centre = None
+                record = readout = None
                 if step % cfg.log_every == 0 or step in (total, start + 1) or stop or is_eval:
                     check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
                     # The probe runs before the next step: that step donates (invalidates) this state.
                     knn = None
                     if is_eval:
-                        centre = feature_mean(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
-                        knn = probe(state.graphdef, mesh, tree["params"], tree["stats"], centre)
+                        readout = readout_stats(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
+                        knn = probe(state.graphdef, mesh, tree["params"], tree["stats"], *readout)
                     record = book.record(step, out, ts, knn=knn)
                 monitor.step(step, total, record)
                 if stop or due:
                     check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)  # never save a bad state
-                    if centre is None:
-                        centre = feature_mean(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
-                    checkpoint.save(mngr, step, tree, centre)
+                    if readout is None:
+                        readout = readout_stats(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
+                    checkpoint.save(mngr, step, tree, *readout)
                 if stop:
                     checkpoint.finish(mngr)
                     raise TrainingInterrupted(
@@ -390,9 +390,9 @@ def _train(folder: Path, cfg: TrainConfig, run: RunDir, mesh, data: ImageSet, st
             loop_s = time.perf_counter() - loop_t0  # the steps alone: no set-up, final save or plot
             if step > start and mngr.latest_step() != step:
                 check.raise_if_diverged(mngr=mngr, output=run.path, cfg=cfg)
-                if centre is None:
-                    centre = feature_mean(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
-                checkpoint.save(mngr, step, tree, centre)
+                if readout is None:
+                    readout = readout_stats(state.graphdef, cfg, mesh, tree["params"], tree["stats"], data.images)
+                checkpoint.save(mngr, step, tree, *readout)
             checkpoint.finish(mngr)
         ended = True
     finally:

@@ -25,8 +25,9 @@ class KnnProbe:
     """kNN accuracy of the current encoder on a labeled folder (class = first-level subfolder).
 
     Build it before training (decoding and label errors surface before anything is written), then
-    call it with the train state's params and stats and the feature centre a checkpoint of that
-    state would hold (encoder.feature_mean): `probe(graphdef, mesh, params, stats, centre) -> float`.
+    call it with the train state's params and stats and the centre and whitening a checkpoint of
+    that state would hold (encoder.readout_stats), so it scores what `embed` would write:
+    `probe(graphdef, mesh, params, stats, centre, whitening) -> float`.
     Every process must call it together (the forward pass is one sharded program).
     """
 
@@ -46,13 +47,14 @@ class KnnProbe:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def embed(self, graphdef: nnx.GraphDef, mesh, params, stats, centre: np.ndarray) -> np.ndarray:
-        """float32 [N, F] unit embeddings of the folder's images, row i <-> label i."""
+    def embed(self, graphdef: nnx.GraphDef, mesh, params, stats, centre: np.ndarray, whitening=None) -> np.ndarray:
+        """float32 [N, D] unit embeddings of the folder's images, row i <-> label i."""
         if self._forward is None:
             self._forward = sharded_forward(graphdef, self.cfg, mesh)
-        return embed_in_batches(self._forward, params, stats, self.images, mesh, min(CHUNK, len(self)), centre=centre)
+        return embed_in_batches(self._forward, params, stats, self.images, mesh, min(CHUNK, len(self)),
+                                centre=centre, whitening=whitening)
 
-    def __call__(self, graphdef: nnx.GraphDef, mesh, params, stats, centre: np.ndarray) -> float:
-        emb = self.embed(graphdef, mesh, params, stats, centre)
+    def __call__(self, graphdef: nnx.GraphDef, mesh, params, stats, centre: np.ndarray, whitening=None) -> float:
+        emb = self.embed(graphdef, mesh, params, stats, centre, whitening)
         tr, te = self.train, self.test
         return knn_accuracy(emb[tr], self.labels[tr], emb[te], self.labels[te], k=KNN_K)
