@@ -127,6 +127,13 @@ def score(name: str, a: np.ndarray, b: np.ndarray, pairs: np.ndarray) -> dict:
             "false_pos_at_95_recall": round(float(np.mean(distinct >= keep95)), 4)}
 
 
+def written(encoder, h: np.ndarray) -> np.ndarray:
+    """What `embed` writes from h: less the run's centre (per cell, or one for every cell), unit,
+    whitened when the run saved a whitening (0.4.0 on)."""
+    c = encoder.centre if encoder.centre.size == h.shape[1] else np.tile(encoder.centre, encoder.cfg.model.embed_grid ** 2)
+    return encoder.whiten(unit(h - c))
+
+
 def knn(a) -> None:
     from contrastive_cli.infer.knn import knn_accuracy
 
@@ -147,8 +154,7 @@ def knn(a) -> None:
     reps = [("features", htr, hte), ("centred", htr - mean, hte - mean), ("projection", ztr, zte),
             ("whitened", white(htr), white(hte))]
     if encoder.centre is not None:
-        c = encoder.centre if encoder.centre.size == htr.shape[1] else np.tile(encoder.centre, encoder.cfg.model.embed_grid ** 2)
-        reps.append(("embed (run's centre)", htr - c, hte - c))
+        reps.append(("what embed writes", written(encoder, htr), written(encoder, hte)))
     for name, tr, te in reps:
         print(json.dumps({"run": str(a.run), "set": str(a.knn), "representation": name,
                           "knn20": round(knn_accuracy(unit(tr), ytr, unit(te), yte, k=20), 4)}), flush=True)
@@ -192,9 +198,8 @@ def main() -> None:
             ("projection", unit(z), unit(zc))]
     white = whitening(href)
     reps.append(("whitened (PCA 512 of the reference)", unit(white(h)), unit(white(hc))))
-    if encoder.centre is not None:  # what `embed` writes: centred on the run's training images
-        c = encoder.centre if encoder.centre.size == h.shape[1] else np.tile(encoder.centre, encoder.cfg.model.embed_grid ** 2)
-        reps.append(("embed (run's centre)", unit(h - c), unit(hc - c)))
+    if encoder.centre is not None:
+        reps.append(("what embed writes", written(encoder, h), written(encoder, hc)))
     for name, x, y in reps:
         print(json.dumps({**common, **score(name, x, y, pairs)}), flush=True)
 
