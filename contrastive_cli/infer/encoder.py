@@ -11,8 +11,9 @@ unrelated images like the training images score near 0 and edited copies of one 
 (BENCHMARKS.md, "Similarity scale"; kNN accuracy moved by -1.7 to +2.2 points there). Runs saved
 since 0.4.0 also hold a PCA whitening of those unit rows (infer/whiten.py: mean [G*G*F] and
 matrix [G*G*F, K]), fitted on the same training images; embeddings are then the whitened rows, K
-wide, L2-normalised again. Runs saved before 0.2.1 have no centre and embed as before. Images are decoded as in training (EXIF, RGB), their
-shorter side resized to the model's image size and centre-cropped; no augmentation.
+wide, L2-normalised again. Runs saved before 0.2.1 have no centre and embed as before. Images are
+decoded as in training (EXIF, RGB), their shorter side resized to the model's image size and
+centre-cropped; no augmentation.
 """
 from __future__ import annotations
 
@@ -127,15 +128,15 @@ READOUT_IMAGES = 2048  # training images a run's centre and whitening are fitted
 
 
 def readout_stats(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh, params, stats,
-                  images: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """(centre float32 [G*G*F], whitening (mean, matrix) or None): the mean of h on the run's embedding grid,
-    per cell, over up to READOUT_IMAGES of `images` (uint8 [N, R, R, 3], any R: resized to the
-    model's size as embed's decoding would give, near enough), chosen with cfg.seed, and the PCA
-    whitening (infer/whiten.py) of those rows centred and unit (None for fewer than
-    whiten.MIN_IMAGES images). Every process passes the same rows (a
-    collective) and gets the same result. Per cell, because the cells' means differ (a corner is not
-    the middle): centred on the global mean alone, unrelated images of a grid-2 run still scored
-    0.23-0.48 (BENCHMARKS.md, "Session 14"), per cell about 0."""
+                  images: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(centre float32 [G*G*F], whitening (mean, matrix) or None): the mean of h on the run's
+    embedding grid, per cell, over up to READOUT_IMAGES of `images` (uint8 [N, R, R, 3], any R:
+    resized to the model's size as embed's decoding would give, near enough), chosen with cfg.seed,
+    and the PCA whitening (infer/whiten.py) of those rows centred and unit (None for fewer than
+    whiten.MIN_IMAGES images). Every process passes the same rows (a collective) and gets the same
+    result. Per cell, because the cells' means differ (a corner is not the middle): centred on the
+    global mean alone, unrelated images of a grid-2 run still scored 0.23-0.48 (BENCHMARKS.md,
+    "Session 14"), per cell about 0."""
     pick = np.random.default_rng(cfg.seed).permutation(len(images))[:READOUT_IMAGES]
     sample = np.asarray(images[np.sort(pick)])
     size = cfg.model.image_size
