@@ -61,6 +61,19 @@ def test_apply_gives_unit_rows_and_a_cosine_that_ignores_the_dominant_axis():
     assert before > 0.97 and float((za @ zb.T)[0, 0]) < 0.3
 
 
+def test_axes_the_rows_do_not_span_are_dropped_not_blown_up():
+    """Repeated rows (the same image twice in a folder) span fewer axes than there are rows; the
+    missing axes' directions are rounding noise and must not be kept at the floor's weight."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(40, 300))
+    x = np.concatenate([base, base, base[:10]])  # 90 rows, 40 distinct: 39 axes
+    mean, matrix = whiten.fit(x)
+    assert matrix.shape == (300, 39) and np.isfinite(matrix).all()
+    np.testing.assert_allclose(np.cov(((x - mean) @ matrix).T), np.eye(39), atol=1e-3)
+    other = rng.normal(size=(5, 300))  # rows outside the span: no axis amplifies them
+    assert np.abs((other - mean) @ matrix).max() < 10 * np.abs((x - mean) @ matrix).max()
+
+
 def test_fit_needs_two_rows():
     with pytest.raises(ValueError, match="at least 2 rows"):
         whiten.fit(np.ones((1, 4)))
@@ -161,12 +174,30 @@ def test_evaluate_probes_the_unwhitened_features_and_knn_the_whitened(whitened_r
 
 
 @pytest.mark.slow
-def test_a_run_on_fewer_than_128_images_is_not_whitened(tmp_path):
+def test_a_run_on_fewer_than_128_images_is_not_whitened(tmp_path):  # 127 images span 126 axes
     from contrastive_cli.config import ModelConfig, TrainConfig
     from contrastive_cli.infer.encoder import load_encoder
     from contrastive_cli.train.loop import pretrain
 
-    images = write_folder(tmp_path / "images", whiten.MIN_IMAGES - 1, seed=3)
+    images = write_folder(tmp_path / "images", whiten.MIN_AXES, seed=3)
     pretrain(images, TrainConfig.tiny(model=ModelConfig(image_size=16), steps=2), tmp_path / "run", cache=False)
     encoder = load_encoder(tmp_path / "run")
     assert encoder.whitening is None and encoder.dim == 1024 and encoder.centre.shape == (1024,)
+
+
+@pytest.mark.slow
+def test_a_run_on_repeated_images_is_not_whitened(tmp_path):
+    """160 files but 40 distinct images: they span 39 axes, too few to whiten onto."""
+    import shutil
+
+    from contrastive_cli.config import ModelConfig, TrainConfig
+    from contrastive_cli.infer.encoder import load_encoder
+    from contrastive_cli.train.loop import pretrain
+
+    images = write_folder(tmp_path / "images", 40, seed=4)
+    for i, f in enumerate(sorted(images.rglob("*.png"))):
+        for copy in range(3):
+            shutil.copy(f, f.with_name(f"{f.stem}-copy{copy}.png"))
+    pretrain(images, TrainConfig.tiny(model=ModelConfig(image_size=16), steps=2), tmp_path / "run", cache=False)
+    encoder = load_encoder(tmp_path / "run")
+    assert encoder.whitening is None and encoder.dim == 1024

@@ -132,8 +132,8 @@ def readout_stats(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh, params, stats,
     """(centre float32 [G*G*F], whitening (mean, matrix) or None): the mean of h on the run's
     embedding grid, per cell, over up to READOUT_IMAGES of `images` (uint8 [N, R, R, 3], any R:
     resized to the model's size as embed's decoding would give, near enough), chosen with cfg.seed,
-    and the PCA whitening (infer/whiten.py) of those rows centred and unit (None for fewer than
-    whiten.MIN_IMAGES images). Every process passes the same rows (a collective) and gets the same
+    and the PCA whitening (infer/whiten.py) of those rows centred and unit (None when they span
+    fewer than whiten.MIN_AXES axes: fewer than 128 images, or as few distinct ones). Every process passes the same rows (a collective) and gets the same
     result. Per cell, because the cells' means differ (a corner is not the middle): centred on the
     global mean alone, unrelated images of a grid-2 run still scored 0.23-0.48 (BENCHMARKS.md,
     "Session 14"), per cell about 0."""
@@ -147,7 +147,10 @@ def readout_stats(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh, params, stats,
     centre = h.mean(axis=0).astype(np.float32)
     u = h - centre
     u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    return centre, (whitening_.fit(u) if len(u) >= whitening_.MIN_IMAGES else None)
+    whitening = whitening_.fit(u) if len(u) > whitening_.MIN_AXES else None
+    if whitening is not None and whitening[1].shape[1] < whitening_.MIN_AXES:
+        whitening = None  # too few distinct images
+    return centre, whitening
 
 
 @jax.jit(static_argnames="size")

@@ -22,14 +22,18 @@ import numpy as np
 
 WHITEN_DIM = 512  # kept axes: 256 and 1,024 scored within 0.3 points of 512 (BENCHMARKS.md, "Session 14")
 FLOOR = 0.01  # each axis' variance is floored at this fraction of the largest's
-MIN_IMAGES = 128  # fewer training images are not whitened: from 128 a fit gained 1.3 points of kNN, at 64
-# none (BENCHMARKS.md, "Session 15"), and N images span only N - 1 axes, all an image outside them keeps
+MIN_AXES = 127  # training images spanning fewer axes are not whitened: 128 images (127 axes) gained 1.3
+# points of kNN, 64 none (BENCHMARKS.md, "Session 15"), and a whitened row keeps only the axes they span
+NULL = 1e-9  # axes with less variance than this fraction of the largest's are null: the rows do not span
+# them (repeated images, dead features); their directions are rounding noise, and at the floor's weight
+# they took kNN from 0.37 to 0.19 on a set with repeated icons
 
 
 def fit(u: np.ndarray, dim: int = WHITEN_DIM) -> tuple[np.ndarray, np.ndarray]:
-    """(mean float32 [D], matrix float32 [D, K]) whitening the rows of `u` (float [N, D], N >= 2),
-    K = min(dim, D, N - 1): the most axes N centred rows can span. Decomposes the N x N Gram matrix
-    when N < D (a 2,048 x 4,096 fit: one 2,048 x 2,048 eigh), else the D x D covariance, in float64."""
+    """(mean float32 [D], matrix float32 [D, K]) whitening the rows of `u` (float [N, D], N >= 2):
+    K = min(dim, the number of axes the centred rows span) (at most N - 1; fewer when rows repeat).
+    Decomposes the N x N Gram matrix when N < D (a 2,048 x 4,096 fit: one 2,048 x 2,048 eigh), else
+    the D x D covariance, in float64."""
     x = np.asarray(u, np.float64)
     n, d = x.shape
     if n < 2:
@@ -45,6 +49,8 @@ def fit(u: np.ndarray, dim: int = WHITEN_DIM) -> tuple[np.ndarray, np.ndarray]:
         var, axes = np.linalg.eigh(x.T @ x)
         var, axes = var[::-1][:k], axes[:, ::-1][:, :k]
     var = np.maximum(var, 0.0) / (n - 1)
+    spanned = int(np.count_nonzero(var > NULL * max(var[0], 1e-30)))
+    var, axes = var[:spanned], axes[:, :spanned]
     matrix = axes / np.sqrt(np.maximum(var, FLOOR * max(var[0], 1e-30)))
     return mean.astype(np.float32), matrix.astype(np.float32)
 
